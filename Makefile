@@ -1,0 +1,37 @@
+# One command each on a fresh clone: `make demo`, `make test`. Both build .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo experiment bench lint clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned and installed first: a bare `torch` requirement would pull another multi-GB build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m loca_lightning.demo --out runs/demo
+
+experiment: $(STAMP)
+	$(PY) -m loca_lightning.demo --experiment --out runs/experiment
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench_results/bench.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check loca_lightning tests benchmarks
+	$(VENV)/bin/ruff format --check loca_lightning tests benchmarks
+
+clean:
+	rm -rf runs lightning_logs bench_results .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

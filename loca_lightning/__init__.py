@@ -1,0 +1,1 @@
+"""LOCA for PyTorch Lightning."""

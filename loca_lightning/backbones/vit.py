@@ -1,0 +1,160 @@
+"""A Vision Transformer without class token that returns patch tokens, built on timm's VisionTransformer.
+
+Only the embedding step differs from timm: the positional table is resized to whatever grid the input has
+(bilinear, antialiased when shrinking), the caller may keep a subset of tokens (after positional embeddings,
+before the blocks, as LOCA's large query does), and may skip positional embeddings altogether (LOCA's
+location-only variant). Attention, blocks, drop path and weight init are timm's. The state dict is timm's own,
+so ``timm.create_model(..., class_token=False, global_pool="avg", fc_norm=False, num_classes=0)`` loads it strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Resize a positional table ``[1, gh*gw, D]`` from ``old_grid`` to ``new_grid`` (bilinear, antialiased when shrinking).
+
+    The same grid returns the input itself, bit for bit.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    _, n, dim = pos_embed.shape
+    if n != old_grid[0] * old_grid[1]:
+        raise ValueError(f"positional table has {n} entries, which is not the grid {old_grid[0]}x{old_grid[1]}")
+    table = pos_embed.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # [1, D, gh, gw]
+    shrinking = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
+    table = F.interpolate(
+        table.float(), size=tuple(new_grid), mode="bilinear", align_corners=False, antialias=shrinking
+    ).to(pos_embed.dtype)
+    return table.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+
+
+class ViT(VisionTransformer):
+    """Pre-norm ViT without class token: ``forward(images [B,3,H,W]) -> patch tokens [B, N, D]`` after the final norm.
+
+    ``img_size`` fixes the stored positional table (e.g. 224 -> 14x14 for patch 16); any input whose sides are
+    multiples of the patch size works, with the table resized to its grid.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        qkv_bias: bool = True,
+        grad_checkpointing: bool = False,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            class_token=False,
+            global_pool="avg",
+            fc_norm=False,
+            num_classes=0,
+            **timm_kwargs,
+        )
+        self.patch_embed.strict_img_size = False  # any multiple of the patch size; the grid follows the input
+        self.grad_checkpointing = grad_checkpointing
+        self.timm_config: dict[str, Any] = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            **timm_kwargs,
+        )
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a square patch in pixels."""
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def pos_grid(self) -> tuple[int, int]:
+        """Grid of the stored positional table."""
+        return tuple(self.patch_embed.grid_size)
+
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid of an input of ``(H, W)`` pixels; raises if a side is not a multiple of the patch size."""
+        h, w = image_size
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}")
+        return h // p, w // p
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        """Positional table ``[1, gh*gw, D]`` for ``grid``; cached while no gradient is being recorded."""
+        grid = tuple(grid)
+        if grid == self.pos_grid:
+            return self.pos_embed
+        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+            return resize_pos_embed(self.pos_embed, self.pos_grid, grid)
+        # The parameter's version counter changes with every in-place update (optimizer step, load).
+        key = (grid, self.pos_embed.device, self.pos_embed.dtype, self.pos_embed._version, id(self.pos_embed))
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            with torch.no_grad():
+                cached = resize_pos_embed(self.pos_embed, self.pos_grid, grid)
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != grid}  # one entry per grid
+            self._pos_cache[key] = cached
+        return cached
+
+    def embed(self, images: Tensor, keep_index: Tensor | None = None, use_pos_embed: bool = True) -> Tensor:
+        """Patch embedding + positional embedding, then the optional token selection: ``[B, N or K, D]``."""
+        grid = self.grid_size(images.shape[-2:])
+        x = self.patch_embed(images)  # [B, N, D]
+        if use_pos_embed:
+            x = x + self.pos_embed_for(grid)
+        if keep_index is not None:  # keep_index [B, K] of token positions
+            x = torch.gather(x, 1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.norm_pre(self.pos_drop(x))
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Run already embedded tokens ``[B, N, D]`` through the blocks and the final norm."""
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def forward_features(  # type: ignore[override]
+        self, images: Tensor, keep_index: Tensor | None = None, use_pos_embed: bool = True
+    ) -> Tensor:
+        """Patch tokens ``[B, N, D]`` (or ``[B, K, D]`` with ``keep_index``) after the final LayerNorm."""
+        return self.forward_tokens(self.embed(images, keep_index=keep_index, use_pos_embed=use_pos_embed))
+
+    def forward(  # type: ignore[override]
+        self, images: Tensor, keep_index: Tensor | None = None, use_pos_embed: bool = True
+    ) -> Tensor:
+        """Same as :meth:`forward_features`: the backbone's output is its patch tokens."""
+        return self.forward_features(images, keep_index=keep_index, use_pos_embed=use_pos_embed)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention: parameters users commonly exclude from weight decay (LOCA's recipe decays them)."""
+        return {"pos_embed"}

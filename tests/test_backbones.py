@@ -1,0 +1,190 @@
+"""Backbone registry, token selection, positional-table resizing, weights in and out."""
+
+import pytest
+import timm
+import torch
+
+from loca_lightning.backbones import (
+    build_backbone,
+    export_timm_state_dict,
+    list_backbones,
+    load_backbone_weights,
+    register_backbone,
+    resize_pos_embed,
+    timm_create_model_call,
+)
+from loca_lightning.backbones.checkpoints import timm_model_kwargs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_registry_names_and_errors():
+    names = list_backbones()
+    for name in ["vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch16",
+                 "vit_small_patch8", "vit_base_patch8", "vit_test_patch16"]:
+        assert name in names
+    with pytest.raises(ValueError, match="unknown backbone 'vit_nope'.*vit_base_patch16"):
+        build_backbone("vit_nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("vit_test_patch16")(lambda **kw: None)
+
+
+@pytest.mark.parametrize("size,grid", [(224, 14), (96, 6), (512, 32)])
+def test_shapes_for_grids(size, grid):
+    model = build_backbone("vit_test_patch16").eval()
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, grid * grid, 32)
+
+
+def test_sizes_match_the_vit_family():
+    model = build_backbone("vit_small_patch16")
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (384, 12, 6)
+    assert model.pos_embed.shape == (1, 196, 384)
+    huge = build_backbone("vit_huge_patch16", depth=1)  # override keeps the test light
+    assert huge.embed_dim == 1280 and huge.blocks[0].attn.num_heads == 16
+
+
+def test_non_multiple_of_patch_is_an_error():
+    model = build_backbone("vit_test_patch16")
+    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+        model(torch.randn(1, 3, 100, 96))
+
+
+def test_keep_all_tokens_equals_no_keep_index():
+    model = build_backbone("vit_test_patch16").eval()
+    x = torch.randn(2, 3, 96, 96)
+    keep = torch.arange(36).expand(2, -1)
+    torch.testing.assert_close(model(x, keep_index=keep), model(x), rtol=0, atol=0)
+
+
+def test_keep_subset_equals_running_on_those_positions():
+    model = build_backbone("vit_test_patch16").eval()
+    x = torch.randn(2, 3, 96, 96)
+    keep = torch.stack([torch.randperm(36)[:10], torch.randperm(36)[:10]])
+    out = model(x, keep_index=keep)
+    embedded = model.patch_embed(x) + model.pos_embed_for((6, 6))  # [B, 36, D]
+    manual = torch.stack([model.forward_tokens(embedded[b : b + 1, keep[b]])[0] for b in range(2)])
+    torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_pos_embed_changes_output_and_is_position_free():
+    model = build_backbone("vit_test_patch16").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with_pos, without = model(x), model(x, use_pos_embed=False)
+    assert not torch.allclose(with_pos, without)
+    # Without positions the ViT is permutation-equivariant: shuffling the tokens shuffles the outputs.
+    perm = torch.randperm(16)
+    embedded = model.patch_embed(x)
+    torch.testing.assert_close(model.forward_tokens(embedded[:, perm]), without[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_resize_same_grid_is_identity_and_resize_is_smooth():
+    model = build_backbone("vit_test_patch16")
+    table = model.pos_embed
+    assert resize_pos_embed(table, (14, 14), (14, 14)) is table
+    assert torch.equal(model.pos_embed_for((14, 14)), table)
+    # a table that is linear in the coordinates stays close to linear after bilinear upsampling
+    ramp = torch.linspace(0, 1, 14)
+    linear = (ramp[:, None] + 0 * ramp[None, :]).reshape(1, 196, 1)
+    up = resize_pos_embed(linear, (14, 14), (32, 32)).reshape(32, 32)
+    assert torch.all(up[1:, :] >= up[:-1, :] - 1e-6)
+    down = resize_pos_embed(table, (14, 14), (6, 6))
+    assert down.shape == (1, 36, 32)
+
+
+def test_pos_cache_follows_parameter_updates():
+    model = build_backbone("vit_test_patch16").eval()
+    with torch.no_grad():
+        first = model.pos_embed_for((6, 6)).clone()
+        assert model.pos_embed_for((6, 6)) is model.pos_embed_for((6, 6))  # cached
+        model.pos_embed.add_(1.0)
+        second = model.pos_embed_for((6, 6))
+    torch.testing.assert_close(second, first + 1.0, rtol=0, atol=1e-5)
+
+
+def test_export_timm_strict_load_identical_features():
+    model = build_backbone("vit_test_patch16").eval()
+    state = export_timm_state_dict(model)
+    name, kwargs = timm_model_kwargs(model)
+    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
+    reference.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    diff = (reference.forward_features(x) - model(x)).abs().max().item()
+    assert diff < 1e-5
+    call = timm_create_model_call(model)
+    assert call.startswith("timm.create_model(") and "class_token=False" in call and "global_pool='avg'" in call
+
+
+def test_export_uses_timm_architecture_name_for_standard_sizes():
+    name, kwargs = timm_model_kwargs(build_backbone("vit_small_patch16"))
+    assert name == "vit_small_patch16_224" and kwargs["depth"] == 12
+    name, kwargs = timm_model_kwargs(build_backbone("vit_small_patch16", depth=1))  # non-standard: explicit kwargs
+    assert kwargs["depth"] == 1 and kwargs["embed_dim"] == 384
+
+
+def test_load_checkpoint_with_other_grid_resizes_table(tmp_path):
+    source = build_backbone("vit_test_patch16")  # 14x14 table
+    target = build_backbone("vit_test_patch16", img_size=512)  # 32x32 table
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"teacher.backbone.{k}": v for k, v in source.state_dict().items()}}, path)
+    report = load_backbone_weights(target, path, which="teacher")
+    assert report == {"missing": [], "unexpected": [], "mismatched": []}
+    expected = resize_pos_embed(source.pos_embed.detach(), (14, 14), (32, 32))
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_load_plain_timm_state_dict_and_student_choice(tmp_path):
+    source = build_backbone("vit_test_patch16")
+    timm_model = timm.create_model(*[timm_model_kwargs(source)[0]], pretrained=False, **timm_model_kwargs(source)[1])
+    timm_model.load_state_dict(export_timm_state_dict(source))
+    target = build_backbone("vit_test_patch16")
+    load_backbone_weights(target, timm_model.state_dict())
+    torch.testing.assert_close(target.state_dict(), source.state_dict())
+    with pytest.raises(KeyError, match="no teacher weights"):
+        load_backbone_weights(target, {f"student.backbone.{k}": v for k, v in source.state_dict().items()})
+    load_backbone_weights(target, {f"student.backbone.{k}": v for k, v in source.state_dict().items()}, which="student")
+
+
+def test_other_model_size_fails_naming_keys():
+    small = build_backbone("vit_test_patch16")
+    bigger = build_backbone("vit_test_patch16", embed_dim=48, depth=3)
+    with pytest.raises(ValueError) as info:
+        load_backbone_weights(small, bigger.state_dict())
+    message = str(info.value)
+    assert "mismatched" in message and "blocks.0.attn.qkv.weight" in message
+    assert "unexpected" in message and "blocks.2." in message
+    report = load_backbone_weights(small, bigger.state_dict(), strict=False)
+    assert any(k.startswith("blocks.2.") for k in report["unexpected"])
+
+
+def test_weights_only_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "obj": Evil()}, path)
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        load_backbone_weights(build_backbone("vit_test_patch16"), path)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = build_backbone("vit_test_patch16", drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6)
+
+
+def test_drop_path_linear_over_depth():
+    model = build_backbone("vit_tiny_patch16", drop_path_rate=0.1)
+    rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.blocks]
+    assert rates[0] == 0.0 and abs(rates[-1] - 0.1) < 1e-6
