@@ -1,0 +1,226 @@
+"""Inference modes for segmentation: whole image, sliding window, multi-scale + flip.
+
+Every mode is a pure function over ``model(images [B, 3, h, w]) -> logits [B, C, h, w]`` (logits
+already at the input resolution). Call them under ``torch.no_grad()``. Window placement follows
+MMSegmentation's ``slide_inference``; images smaller than the window are padded like Segmenter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Model = Callable[[Tensor], Tensor]
+MODES = ("whole", "slide")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """(h, w) from an int or a pair of positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_image(image: Tensor) -> None:
+    if image.ndim != 4:
+        raise ValueError(f"image must be [B, 3, H, W], got shape {tuple(image.shape)}")
+
+
+def _check_logits(logits: Tensor, batch: int, num_classes: int | None, size: tuple[int, int]) -> None:
+    if logits.ndim != 4 or logits.shape[0] != batch or tuple(logits.shape[-2:]) != size:
+        raise ValueError(
+            f"model must return logits [{batch}, C, {size[0]}, {size[1]}] at the input size, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"model returned {logits.shape[1]} channels, expected num_classes={num_classes}")
+
+
+def whole_inference(model: Model, image: Tensor) -> Tensor:
+    """Run the model once on the full image: [B, 3, H, W] -> logits [B, C, H, W]."""
+    _check_image(image)
+    logits = model(image)
+    _check_logits(logits, image.shape[0], None, tuple(image.shape[-2:]))
+    return logits
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window start offsets along one axis, as MMSegmentation places them.
+
+    ``max(ceil((size - window) / stride), 0) + 1`` windows; the last is flush with the far edge,
+    and no start is below 0.
+    """
+    count = max(math.ceil((size - window) / stride), 0) + 1
+    return [max(min(i * stride, size - window), 0) for i in range(count)]
+
+
+def slide_window_sum(
+    model: Model,
+    image: Tensor,
+    window: int | Sequence[int],
+    stride: int | Sequence[int],
+    num_classes: int,
+    batch_size: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """Summed window logits [B, C, H', W'] and per-pixel window counts [1, 1, H', W'] (float32).
+
+    H' = max(H, window_h), W' = max(W, window_w): the image is zero-padded at the bottom/right
+    up to the window when it is smaller.
+    """
+    _check_image(image)
+    win_h, win_w = _pair(window, "window")
+    str_h, str_w = _pair(stride, "stride")
+    if str_h > win_h or str_w > win_w:
+        raise ValueError(f"stride {(str_h, str_w)} larger than window {(win_h, win_w)} leaves pixels uncovered")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch, _, height, width = image.shape
+    pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+    height, width = height + pad_h, width + pad_w
+
+    boxes = [(y, x) for y in window_starts(height, win_h, str_h) for x in window_starts(width, win_w, str_w)]
+    # window-major: crops[k * B + b] is window k of image b
+    crops = torch.cat([image[:, :, y : y + win_h, x : x + win_w] for y, x in boxes])  # [K*B, 3, wh, ww]
+    # float32 sums: many bf16 windows added in place would lose precision
+    logit_sum = image.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
+    count = image.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for y, x in boxes:
+        count[:, :, y : y + win_h, x : x + win_w] += 1
+    start = 0
+    for chunk in crops.split(batch_size):
+        logits = model(chunk)
+        _check_logits(logits, chunk.shape[0], num_classes, (win_h, win_w))
+        # added chunk by chunk so that all window logits never sit in memory at once
+        for offset, crop_logits in enumerate(logits.float()):
+            window_index, image_index = divmod(start + offset, batch)
+            y, x = boxes[window_index]
+            logit_sum[image_index, :, y : y + win_h, x : x + win_w] += crop_logits
+        start += chunk.shape[0]
+    return logit_sum, count
+
+
+def slide_inference(
+    model: Model,
+    image: Tensor,
+    window: int | Sequence[int],
+    stride: int | Sequence[int],
+    num_classes: int,
+    batch_size: int = 8,
+) -> Tensor:
+    """Sliding-window logits [B, C, H, W]: overlapping windows averaged, run ``batch_size`` at a time."""
+    height, width = image.shape[-2:]
+    logit_sum, count = slide_window_sum(model, image, window, stride, num_classes, batch_size)
+    return (logit_sum / count)[:, :, :height, :width]
+
+
+def multiscale_flip_inference(
+    model: Model,
+    image: Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    mode: str,
+    window: int | Sequence[int] | None,
+    stride: int | Sequence[int] | None,
+    num_classes: int,
+    batch_size: int = 8,
+) -> Tensor:
+    """Test-time augmentation: log of the softmax probabilities averaged over scales and flips.
+
+    Probabilities, not logits, are averaged (as MMSegmentation does) because logit magnitudes
+    change with resolution while probabilities share one scale. The log makes the result usable
+    like logits: its argmax is the prediction and its softmax is the averaged probability.
+    """
+    _check_image(image)
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales!r}")
+    height, width = image.shape[-2:]
+    prob_sum = image.new_zeros((image.shape[0], num_classes, height, width), dtype=torch.float32)
+    views = 0
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = (
+            image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        )
+        for flipped in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            logits = _run_mode(model, view, mode, window, stride, num_classes, batch_size).float()
+            if flipped:
+                logits = logits.flip(-1)
+            if size != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            prob_sum += logits.softmax(dim=1)
+            views += 1
+    mean_prob = prob_sum / views
+    return mean_prob.clamp_min(torch.finfo(mean_prob.dtype).tiny).log()
+
+
+def _run_mode(
+    model: Model,
+    image: Tensor,
+    mode: str,
+    window: int | Sequence[int] | None,
+    stride: int | Sequence[int] | None,
+    num_classes: int,
+    batch_size: int,
+) -> Tensor:
+    if mode == "whole":
+        logits = whole_inference(model, image)
+        _check_logits(logits, image.shape[0], num_classes, tuple(image.shape[-2:]))
+        return logits
+    if mode == "slide":
+        if window is None or stride is None:
+            raise ValueError("mode='slide' needs window and stride")
+        return slide_inference(model, image, window, stride, num_classes, batch_size)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@dataclass
+class SegmentationInference:
+    """How to turn a model into full-image scores: mode, window, stride, scales, flip, batch size.
+
+    ``__call__`` returns logits [B, C, H, W] for a single view and log mean probabilities for
+    multi-scale/flip; in both cases argmax is the prediction and softmax the probabilities.
+    """
+
+    mode: str = "whole"
+    window: int | tuple[int, int] | None = None
+    stride: int | tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "slide":
+            if self.window is None or self.stride is None:
+                raise ValueError("mode='slide' needs window and stride")
+            win, stride = _pair(self.window, "window"), _pair(self.stride, "stride")
+            if stride[0] > win[0] or stride[1] > win[1]:
+                raise ValueError(f"stride {stride} larger than window {win} leaves pixels uncovered")
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be a non-empty sequence of positive floats, got {self.scales!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def is_single_view(self) -> bool:
+        """True when no test-time augmentation is asked for (one scale of 1.0, no flip)."""
+        return self.scales == (1.0,) and not self.flip
+
+    def __call__(self, model: Model, image: Tensor, num_classes: int) -> Tensor:
+        """Scores [B, C, H, W] for ``image`` [B, 3, H, W] under this configuration."""
+        if self.is_single_view:
+            return _run_mode(model, image, self.mode, self.window, self.stride, num_classes, self.batch_size)
+        return multiscale_flip_inference(
+            model, image, self.scales, self.flip, self.mode, self.window, self.stride, num_classes, self.batch_size
+        )
