@@ -1,0 +1,60 @@
+"""Schedules, EMA and parameter groups against tables of numbers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from loca_lightning.optim import ema_momentum, ema_update, param_groups, poly, vit_layer_id, warmup_cosine
+
+
+def test_warmup_cosine_table():
+    total, warmup = 100, 10
+    assert warmup_cosine(0, total, warmup) == 0.0  # lr at step 0 is 0
+    assert warmup_cosine(5, total, warmup) == pytest.approx(0.5)
+    assert warmup_cosine(10, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(55, total, warmup) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert warmup_cosine(100, total, warmup) == pytest.approx(0.01)
+    values = [warmup_cosine(s, total, warmup) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_poly_table():
+    assert poly(0, 100) == 1.0
+    assert poly(50, 100) == pytest.approx(0.5**0.9)
+    assert poly(100, 100) == 0.0
+    assert poly(100, 100, min_ratio=1e-4) == pytest.approx(1e-4)
+
+
+def test_ema_momentum_first_middle_last():
+    total = 101
+    assert ema_momentum(0, total) == pytest.approx(0.996)
+    assert ema_momentum(50, total) == pytest.approx(1 - 0.004 * 0.5)  # cos(pi/2) = 0
+    assert ema_momentum(100, total) == pytest.approx(1.0)
+    assert ema_momentum(25, total) == pytest.approx(1 - 0.004 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_ema_update_formula():
+    teacher = [torch.ones(3), torch.zeros(2, 2)]
+    student = [torch.full((3,), 3.0), torch.ones(2, 2)]
+    ema_update(teacher, student, 0.9)
+    torch.testing.assert_close(teacher[0], torch.full((3,), 0.9 + 0.3))
+    torch.testing.assert_close(teacher[1], torch.full((2, 2), 0.1))
+
+
+def test_param_groups_no_decay_on_1d():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model.register_parameter("pos_embed", nn.Parameter(torch.zeros(1, 3, 4)))
+    groups = param_groups(model, weight_decay=0.1)
+    by_name = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert by_name == {"0.weight": 0.1, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0, "pos_embed": 0.1}
+    groups = param_groups(model, weight_decay=0.1, no_decay_names=["pos_embed"])
+    assert {n: g["weight_decay"] for g in groups for n in g["names"]}["pos_embed"] == 0.0
+
+
+def test_layer_decay_scales():
+    assert vit_layer_id("backbone.pos_embed", 12) == 0
+    assert vit_layer_id("backbone.blocks.3.mlp.fc1.weight", 12) == 4
+    assert vit_layer_id("backbone.norm.weight", 12) == 13
+    assert vit_layer_id("decoder.head.weight", 12) == 13
