@@ -1,0 +1,163 @@
+"""LOCA's two heads: the cross-attention location head and the projection/prototype (clustering) head.
+
+Both are plain ``nn.Module``s whose state dicts hold ordinary ``weight``/``bias`` tensors (no weight-norm
+parametrisation), so EMA copies, FSDP wrapping and checkpoints treat them like any other layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+_LN_EPS = 1e-6  # as timm's ViT and the released JAX code (flax's default)
+
+
+def _init_timm_style(module: nn.Module) -> None:
+    """timm's ViT init: truncated normal (std .02) Linear weights, zero biases, LayerNorm ones/zeros."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention where ``query [B, Q, D]`` attends to ``context [B, R, D]`` (no query-query attention)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, query: Tensor, context: Tensor) -> Tensor:
+        """Return the attended values ``[B, Q, D]``."""
+        b, nq, d = query.shape
+        nr = context.shape[1]
+        q = self.q(query).reshape(b, nq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, Q, hd]
+        kv = self.kv(context).reshape(b, nr, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # [B, H, R, hd] each
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class LocationHead(nn.Module):
+    """One pre-norm cross-attention block (queries -> visible reference tokens), then LayerNorm and a linear
+    layer to one logit per reference position: ``forward(query [B, Q, D], reference [B, R, D]) -> [B, Q, P]``.
+
+    Every query token is processed independently given the reference, so tokens of several query views of
+    the same image may be concatenated along Q and processed in one call with the same result.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_positions: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or num_positions <= 0:
+            raise ValueError(
+                f"dim, num_heads and num_positions must be positive, got {dim}, {num_heads}, {num_positions}"
+            )
+        if mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+        self.dim = dim
+        self.num_positions = num_positions
+        self.norm_query = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.norm_reference = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm_mlp = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm_out = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.position_predictor = nn.Linear(dim, num_positions)
+        self.apply(_init_timm_style)
+
+    def forward(self, query: Tensor, reference: Tensor) -> Tensor:
+        """Return position logits ``[B, Q, num_positions]`` for every query token."""
+        if query.dim() != 3 or reference.dim() != 3:
+            raise ValueError(
+                f"query and reference must be [B, Q, D] and [B, R, D], got shapes {tuple(query.shape)} "
+                f"and {tuple(reference.shape)}"
+            )
+        if query.shape[0] != reference.shape[0]:
+            raise ValueError(
+                f"query and reference must have the same batch size (one reference per image), got "
+                f"{query.shape[0]} and {reference.shape[0]}"
+            )
+        if query.shape[-1] != self.dim or reference.shape[-1] != self.dim:
+            raise ValueError(
+                f"query and reference must have feature size {self.dim}, got {query.shape[-1]} "
+                f"and {reference.shape[-1]}"
+            )
+        x = query + self.attn(self.norm_query(query), self.norm_reference(reference))  # [B, Q, D]
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.position_predictor(self.norm_out(x))  # [B, Q, P]
+
+
+class ProjectionHead(nn.Module):
+    """MLP to an L2-normalised bottleneck, then cosine similarities to ``num_prototypes`` unit-norm prototypes:
+    ``forward(x [..., D]) -> [..., num_prototypes]`` with values in [-1, 1].
+
+    The bottleneck normalisation and the prototype layer run in float32 even under autocast: the Sinkhorn
+    temperature (0.05) turns bf16 rounding of a cosine (~4e-3) into logit noise of ~0.08.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_prototypes: int = 4096,
+        num_layers: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(
+                f"num_layers must be >= 1 (the number of Linear layers before the bottleneck norm), got {num_layers}"
+            )
+        if min(in_dim, hidden_dim, bottleneck_dim, num_prototypes) <= 0:
+            raise ValueError(
+                f"in_dim, hidden_dim, bottleneck_dim and num_prototypes must be positive, got "
+                f"{in_dim}, {hidden_dim}, {bottleneck_dim}, {num_prototypes}"
+            )
+        self.in_dim = in_dim
+        # num_layers counts Linear layers: D -> hidden (-> hidden)* -> bottleneck, GELU between them.
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(d_in, d_out))
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Linear(bottleneck_dim, num_prototypes, bias=False)
+        self.apply(_init_timm_style)
+        # Unit-norm prototype rows at init (as released): the stored norm sets the effective step size
+        # of the normalised weight, so start it at 1.
+        with torch.no_grad():
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def normalized_prototypes(self) -> Tensor:
+        """The prototype matrix actually used, ``[num_prototypes, bottleneck_dim]``, rows of unit length (float32)."""
+        return F.normalize(self.prototypes.weight.float(), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return cosine logits ``[..., num_prototypes]`` (float32)."""
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(
+                f"x must have feature size {self.in_dim} in its last dimension, got shape {tuple(x.shape)}"
+            )
+        z = self.mlp(x)  # [..., bottleneck]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            return F.linear(z, self.normalized_prototypes())  # [..., K]
