@@ -1,0 +1,377 @@
+"""LOCAPretrainModule: LOCA pretraining (location prediction + patch clustering with an EMA teacher) as a LightningModule.
+
+The method reads top to bottom in :meth:`LOCAPretrainModule.training_step`; geometry lives in ``views.py``, the
+heads in ``heads.py``, the losses in ``losses.py``, schedules in ``optim.py``. Subclasses can override the small
+hooks (``encode_reference``, ``encode_queries``, ``select_reference_keep``, ``select_query_keep``, ``compute_losses``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from loca_lightning.backbones import build_backbone
+from loca_lightning.backbones.vit import ViT
+from loca_lightning.normalize import Normalize
+from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
+from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
+from loca_lightning.pretrain.losses import (
+    clustering_loss,
+    location_loss,
+    me_max_loss,
+    mean_assignment_perplexity,
+    sinkhorn_knopp,
+)
+
+log = logging.getLogger(__name__)
+
+def band_keep_index(batch: int, num_tokens: int, keep: int, mode: str, device: torch.device) -> Tensor:
+    """Reference tokens kept as keys of the location head ``[B, keep]``, drawn per sample.
+
+    consecutive: a band of ``keep`` tokens in raster order at a random offset; unstructured: a random subset;
+    first: the first ``keep`` tokens.
+    """
+    if mode == "consecutive":
+        offset = torch.randint(0, num_tokens - keep + 1, (batch, 1), device=device)
+        return offset + torch.arange(keep, device=device)
+    if mode == "unstructured":
+        return random_keep_index(batch, num_tokens, keep, device)
+    if mode == "first":
+        return torch.arange(keep, device=device).expand(batch, -1)
+    raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {mode!r}")
+
+
+def random_keep_index(batch: int, num_tokens: int, keep: int, device: torch.device) -> Tensor:
+    """A uniformly random subset of ``keep`` of ``num_tokens`` token positions per sample, sorted: ``[B, keep]``."""
+    return torch.rand(batch, num_tokens, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def masked_accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Fraction of labelled tokens (target != -1) whose argmax is the target (local batch, detached)."""
+    valid = target >= 0
+    hits = (logits.detach().argmax(-1) == target) & valid
+    return hits.sum() / valid.sum().clamp_min(1)
+
+
+class LOCAStudent(nn.Module):
+    """The trained network: backbone, location head and (when clustering is on) projection head."""
+
+    def __init__(self, backbone: ViT, location_head: LocationHead, projection: ProjectionHead | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.location_head = location_head
+        self.projection = projection
+
+
+class LOCATeacher(nn.Module):
+    """EMA copy of the student's backbone and projection head (the parts the teacher runs)."""
+
+    def __init__(self, student: LOCAStudent) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(student.backbone)
+        self.projection = copy.deepcopy(student.projection)
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def ema_pairs(self, student: LOCAStudent) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher tensors, student tensors) in matching order: parameters and floating buffers."""
+        teacher, source = [], []
+        for mine, theirs in ((self.backbone, student.backbone), (self.projection, student.projection)):
+            teacher += list(mine.parameters())
+            source += list(theirs.parameters())
+        return teacher, source
+
+
+class LOCAPretrainModule(L.LightningModule):
+    """LOCA pretraining of a ViT (Caron, Houlsby, Schmid, 2022), faithful to the released recipe by default.
+
+    Batches are dicts from :class:`~loca_lightning.data.pretrain.LOCAPretrainDataModule`: ``reference [B,3,R,R]``,
+    ``query_large [B,3,S,S]``, ``query_focal [B,F,3,f,f]`` (uint8 or normalised float), ``target_large [B,Nl]``,
+    ``target_focal [B,F,Nf]`` (int64, -1 = no label).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "vit_base_patch16",
+        backbone_kwargs: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.1,
+        reference_size: int = 224,
+        reference_mask: Literal["consecutive", "unstructured", "first"] = "consecutive",
+        reference_keep_ratio: float = 0.2,
+        query_keep_ratio: float = 70 / 196,
+        apply_cluster_loss: bool = True,
+        location_weight: float = 1.0,
+        cluster_weight: float = 1.0,
+        me_max_weight: float = 1.0,
+        num_prototypes: int = 4096,
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 256,
+        teacher_temperature: float = 0.05,
+        student_temperature: float = 0.1,
+        sinkhorn_iters: int = 3,
+        momentum_base: float = 0.996,
+        momentum_final: float = 1.0,
+        teacher_train_mode: bool = True,
+        base_lr: float = 1e-3,
+        lr_reference_batch: int = 1024,
+        weight_decay: float = 0.1,
+        warmup_epochs: float = 15.0,
+        final_lr_ratio: float = 0.01,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer] = torch.optim.AdamW,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        for name, value in (("reference_keep_ratio", reference_keep_ratio), ("query_keep_ratio", query_keep_ratio)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for name, value in (("teacher_temperature", teacher_temperature), ("student_temperature", student_temperature)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 <= momentum_base <= momentum_final <= 1.0:
+            raise ValueError(f"need 0 <= momentum_base <= momentum_final <= 1, got {momentum_base}, {momentum_final}")
+        if reference_mask not in ("consecutive", "unstructured", "first"):
+            raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {reference_mask!r}")
+
+        vit = build_backbone(backbone, drop_path_rate=drop_path_rate, **(backbone_kwargs or {}))
+        if reference_size % vit.patch_size:
+            raise ValueError(f"reference_size {reference_size} is not a multiple of the patch size {vit.patch_size}")
+        self.reference_grid = reference_size // vit.patch_size
+        self.num_positions = self.reference_grid**2
+        self.reference_keep = max(1, round(reference_keep_ratio * self.num_positions))
+        heads = vit.blocks[0].attn.num_heads
+        location_head = LocationHead(vit.embed_dim, heads, self.num_positions, mlp_ratio=vit.timm_config["mlp_ratio"])
+        projection = (
+            ProjectionHead(vit.embed_dim, projection_hidden_dim, projection_dim, num_prototypes)
+            if apply_cluster_loss
+            else None
+        )
+        self.student = LOCAStudent(vit, location_head, projection)
+        self.teacher = LOCATeacher(self.student) if apply_cluster_loss else None
+        self.optimizer_factory = optimizer
+        self.normalize = Normalize()
+        self.total_steps = 1
+        self._checked_batch = False
+        self.register_buffer("skipped_images", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def configure_model(self) -> None:
+        """Compile the transformer blocks in place when asked (state-dict keys stay unchanged)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            backbones = [self.student.backbone] + ([self.teacher.backbone] if self.teacher is not None else [])
+            for backbone in backbones:
+                for block in backbone.blocks:
+                    block.compile()
+            self._compiled = True
+
+    # ------------------------------------------------------------------ hooks a subclass may override
+    def select_reference_keep(self, batch_size: int) -> Tensor:
+        """Indices ``[B, Kr]`` of reference tokens visible to the location head."""
+        return band_keep_index(
+            batch_size, self.num_positions, self.reference_keep, self.hparams.reference_mask, self.device
+        )
+
+    def select_query_keep(self, batch_size: int, num_tokens: int) -> Tensor:
+        """Indices ``[B, Kq]`` of large-query tokens fed to the encoder (the rest are dropped before it)."""
+        keep = max(1, round(self.hparams.query_keep_ratio * num_tokens))
+        return random_keep_index(batch_size, num_tokens, keep, self.device)
+
+    def encode_reference(self, reference: Tensor, reference_keep: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Reference keys for the location head ``[B, Kr, D]`` and Sinkhorn targets ``[B, R, K]`` (or None)."""
+        if self.teacher is None:  # location-only variant: the student encodes only the kept band
+            return self.student.backbone(reference, keep_index=reference_keep), None
+        with torch.no_grad():
+            tokens = self.teacher.backbone(reference)  # [B, R, D], all tokens
+            logits = self.teacher.projection(tokens)  # [B, R, K]
+            targets = sinkhorn_knopp(
+                logits.flatten(0, 1), self.hparams.teacher_temperature, self.hparams.sinkhorn_iters
+            ).view_as(logits)
+            keys = torch.gather(tokens, 1, reference_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return keys, targets
+
+    def encode_queries(self, query_large: Tensor, query_focal: Tensor, large_keep: Tensor) -> Tensor:
+        """Student tokens of all queries of each image, concatenated: ``[B, Kq + F*Nf, D]``."""
+        use_pos = self.hparams.apply_cluster_loss  # the location-only variant gives queries no positions
+        large = self.student.backbone(query_large, keep_index=large_keep, use_pos_embed=use_pos)  # [B, Kq, D]
+        batch, num_focal = query_focal.shape[:2]
+        focal = self.student.backbone(query_focal.flatten(0, 1), use_pos_embed=use_pos)  # [B*F, Nf, D], one call
+        return torch.cat([large, focal.reshape(batch, -1, focal.shape[-1])], dim=1)
+
+    def compute_losses(
+        self, query_tokens: Tensor, reference_keys: Tensor, reference_targets: Tensor | None, target: Tensor
+    ) -> dict[str, Tensor]:
+        """All loss terms and the location logits; ``loss`` is their weighted sum."""
+        hp = self.hparams
+        logits = self.student.location_head(query_tokens, reference_keys)  # [B, Q, R]
+        loc, acc = location_loss(logits, target)
+        out = {"location_logits": logits, "loss_location": loc, "acc_location": acc}
+        loss = hp.location_weight * loc
+        if reference_targets is not None:
+            student_logits = self.student.projection(query_tokens)  # [B, Q, K] cosines
+            cluster = clustering_loss(student_logits, reference_targets, target, hp.student_temperature)
+            me_max = me_max_loss(student_logits, hp.student_temperature)
+            loss = loss + hp.cluster_weight * cluster + hp.me_max_weight * me_max
+            out.update(
+                loss_cluster=cluster,
+                loss_me_max=me_max,
+                prototype_perplexity=mean_assignment_perplexity(student_logits, hp.student_temperature),
+            )
+        out["loss"] = loss
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if not self._checked_batch:
+            self._check_batch(batch)
+        reference = self.normalize(batch["reference"])  # [B, 3, R, R]
+        query_large = self.normalize(batch["query_large"])  # [B, 3, S, S]
+        query_focal = self.normalize(batch["query_focal"])  # [B, F, 3, f, f]
+        target_large, target_focal = batch["target_large"], batch["target_focal"]  # [B, Nl], [B, F, Nf]
+        batch_size = reference.shape[0]
+
+        reference_keep = self.select_reference_keep(batch_size)  # [B, Kr]
+        reference_keys, reference_targets = self.encode_reference(reference, reference_keep)
+        large_keep = self.select_query_keep(batch_size, target_large.shape[1])  # [B, Kq]
+        query_tokens = self.encode_queries(query_large, query_focal, large_keep)
+        target = torch.cat([torch.gather(target_large, 1, large_keep), target_focal.flatten(1)], dim=1)  # [B, Q]
+        out = self.compute_losses(query_tokens, reference_keys, reference_targets, target)
+
+        num_large = large_keep.shape[1]
+        logits = out["location_logits"]
+        metrics = {
+            "train/loss": out["loss"],
+            "train/loss_location": out["loss_location"],
+            "train/acc_location": out["acc_location"],
+            "train/acc_location_large": masked_accuracy(logits[:, :num_large], target[:, :num_large]),
+            "train/acc_location_focal": masked_accuracy(logits[:, num_large:], target[:, num_large:]),
+        }
+        for key in ("loss_cluster", "loss_me_max", "prototype_perplexity"):
+            if key in out:
+                metrics[f"train/{key}"] = out[key]
+        if "num_skipped" in batch:
+            self.skipped_images += batch["num_skipped"].sum()
+            metrics["train/skipped_images"] = self.skipped_images.float()
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return self._guard_nonfinite(out)
+
+    def _guard_nonfinite(self, out: dict[str, Tensor]) -> Tensor | None:
+        """Stop (default) or skip the step when the loss is not finite; named components make the cause visible."""
+        loss = out["loss"]
+        if torch.isfinite(loss.detach()).all():  # one host sync per step; the price of never training on NaN
+            return loss
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.startswith("loss"))
+        message = f"non-finite loss at step {self.global_step}: {parts}"
+        if self.hparams.on_nonfinite == "skip":
+            log.warning("%s; skipping this step", message)
+            return None
+        raise FloatingPointError(message + " (set on_nonfinite: skip to skip such steps)")
+
+    def _check_batch(self, batch: dict[str, Tensor]) -> None:
+        """Check once that the data matches the model (sizes, keys); errors name the keys to change."""
+        missing = [k for k in ("reference", "query_large", "query_focal", "target_large", "target_focal") if k not in batch]
+        if missing:
+            raise KeyError(f"LOCA batches need the keys {missing}; got {sorted(batch)}")
+        size = batch["reference"].shape[-1]
+        if size != self.hparams.reference_size:
+            raise ValueError(
+                f"data gives {size}px references but model.reference_size is {self.hparams.reference_size}: "
+                "make data.views.reference_size and model.reference_size equal"
+            )
+        self._checked_batch = True
+
+    # ------------------------------------------------------------------ teacher
+    def on_train_start(self) -> None:
+        self._last_ema_step = self.global_step
+
+    def on_train_epoch_start(self) -> None:
+        if self.teacher is not None and not self.hparams.teacher_train_mode:
+            self.teacher.eval()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA update of the teacher after each optimizer step (not after accumulation-only batches)."""
+        if self.teacher is None or self.global_step == getattr(self, "_last_ema_step", -1):
+            return
+        self._last_ema_step = self.global_step
+        momentum = self.momentum_at(self.global_step - 1)
+        ema_update(*self.teacher.ema_pairs(self.student), momentum)
+        self.log("train/momentum", momentum, on_step=True, on_epoch=False)
+
+    def momentum_at(self, step: int) -> float:
+        """Teacher momentum used after optimizer step ``step`` (cosine from momentum_base to momentum_final)."""
+        return ema_momentum(step, self.total_steps, self.hparams.momentum_base, self.hparams.momentum_final)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        self.total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        global_batch = self.global_batch_size()
+        peak_lr = hp.base_lr * global_batch / hp.lr_reference_batch
+        steps_per_epoch = self.steps_per_epoch()
+        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
+        groups = param_groups(self.student, hp.weight_decay)
+        for group in groups:
+            group.pop("names")
+            group["lr"] = peak_lr
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:  # the factory's own lr/wd defaults must not override the recipe
+            group["lr"] = peak_lr
+        total, final = self.total_steps, hp.final_lr_ratio
+        scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup_steps, final))
+        log.info(
+            "LOCA optimisation: global batch %d, peak lr %.3g, %d steps (%d warmup)",
+            global_batch,
+            peak_lr,
+            total,
+            warmup_steps,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def global_batch_size(self) -> int:
+        """Per-device batch x devices x nodes x gradient accumulation."""
+        trainer = self.trainer
+        per_device = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "batch_size"):
+            per_device = int(datamodule.batch_size)
+        if per_device is None:
+            loader = trainer.train_dataloader
+            per_device = getattr(loader, "batch_size", None)
+            if per_device is None:
+                raise ValueError("cannot tell the per-device batch size: give the DataModule a batch_size attribute")
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps in one epoch (for warmup given in epochs)."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if batches == float("inf") or batches is None:
+            return float(self.total_steps) / max(1, trainer.max_epochs or 1)
+        return math.ceil(batches / trainer.accumulate_grad_batches)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step()
+
+    # ------------------------------------------------------------------ export
+    def export_backbone(self, which: Literal["teacher", "student"] = "teacher") -> ViT:
+        """A standalone copy (eval mode, on CPU) of the teacher's or the student's backbone."""
+        if which == "teacher":
+            if self.teacher is None:
+                raise ValueError("this run has no teacher (apply_cluster_loss: false); export which='student'")
+            source = self.teacher.backbone
+        elif which == "student":
+            source = self.student.backbone
+        else:
+            raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+        backbone = copy.deepcopy(source).cpu().eval()
+        for param in backbone.parameters():
+            param.requires_grad_(True)
+        return backbone

@@ -1,0 +1,146 @@
+"""LOCAPretrainModule: EMA teacher, schedules, variants, reuse by subclassing, non-finite guard, export."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from loca_lightning.optim import ema_momentum
+from loca_lightning.pretrain.module import LOCAPretrainModule, band_keep_index, random_keep_index
+
+from _fake_loca import FakeLOCADataModule
+
+TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
+            projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, gradient_clip_val=1.0, max_epochs=1)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def test_band_masks():
+    band = band_keep_index(5, 196, 39, "consecutive", torch.device("cpu"))
+    assert band.shape == (5, 39)
+    assert torch.all(band[:, 1:] - band[:, :-1] == 1) and band.min() >= 0 and band.max() <= 195
+    first = band_keep_index(2, 196, 39, "first", torch.device("cpu"))
+    assert torch.equal(first[1], torch.arange(39))
+    subset = random_keep_index(3, 196, 70, torch.device("cpu"))
+    assert all(len(set(row.tolist())) == 70 for row in subset)
+    with pytest.raises(ValueError, match="reference_mask"):
+        band_keep_index(1, 10, 2, "diagonal", torch.device("cpu"))
+
+
+def test_constructor_validates_keys():
+    with pytest.raises(ValueError, match="reference_keep_ratio must be in \\(0, 1\\]"):
+        LOCAPretrainModule(**{**TINY, "reference_keep_ratio": 1.5})
+    with pytest.raises(ValueError, match="query_keep_ratio"):
+        LOCAPretrainModule(**{**TINY, "query_keep_ratio": 0.0})
+    with pytest.raises(ValueError, match="reference_size 60 is not a multiple of the patch size 16"):
+        LOCAPretrainModule(**{**TINY, "reference_size": 60})
+    with pytest.raises(ValueError, match="unknown backbone"):
+        LOCAPretrainModule(**{**TINY, "backbone": "resnet50"})
+
+
+def test_teacher_is_ema_of_student_and_gets_no_gradients():
+    torch.manual_seed(0)
+    model = LOCAPretrainModule(**TINY)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            seen["teacher_grads"] = [p.grad for p in module.teacher.parameters()]
+            seen["teacher_before"] = [p.detach().clone() for p in module.teacher.parameters()]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                seen["teacher_after"] = [p.detach().clone() for p in module.teacher.parameters()]
+                seen["student_after"] = [p.detach().clone() for p in
+                                         list(module.student.backbone.parameters())
+                                         + list(module.student.projection.parameters())]
+
+    _trainer(max_steps=1, callbacks=[Probe()]).fit(model, FakeLOCADataModule())
+    assert all(g is None for g in seen["teacher_grads"])
+    m = ema_momentum(0, model.total_steps)
+    for before, after, student in zip(seen["teacher_before"], seen["teacher_after"], seen["student_after"]):
+        torch.testing.assert_close(after, m * before + (1 - m) * student)
+
+
+def test_momentum_schedule_first_middle_last():
+    model = LOCAPretrainModule(**TINY)
+    model.total_steps = 201
+    assert model.momentum_at(0) == pytest.approx(0.996)
+    assert model.momentum_at(100) == pytest.approx(0.998)
+    assert model.momentum_at(200) == pytest.approx(1.0)
+
+
+def test_lr_schedule_and_batch_scaling():
+    model = LOCAPretrainModule(**{**TINY, "base_lr": 1e-3, "warmup_epochs": 1})
+    lrs = []
+
+    class LR(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    _trainer(max_epochs=2, callbacks=[LR()]).fit(model, FakeLOCADataModule(batch_size=4, length=16))
+    peak = 1e-3 * 4 / 1024  # global batch 4
+    assert lrs[0] == 0.0  # lr at step 0 is 0
+    assert lrs[4] == pytest.approx(peak)  # end of the 4-step warmup epoch
+    assert lrs[-1] == pytest.approx(peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
+    decays = {g["weight_decay"] for g in model.optimizers().optimizer.param_groups}
+    assert decays == {0.0, 0.1}
+
+
+def test_location_only_variant_has_no_teacher():
+    model = LOCAPretrainModule(**{**TINY, "apply_cluster_loss": False})
+    assert model.teacher is None and model.student.projection is None
+    _trainer(max_steps=2).fit(model, FakeLOCADataModule())
+    with pytest.raises(ValueError, match="no teacher"):
+        model.export_backbone("teacher")
+    assert model.export_backbone("student").pos_embed.shape == model.student.backbone.pos_embed.shape
+
+
+def test_subclass_overriding_one_hook_trains_with_plain_trainer():
+    calls = []
+
+    class FirstTokens(LOCAPretrainModule):
+        def select_reference_keep(self, batch_size):
+            calls.append(batch_size)
+            return torch.arange(self.reference_keep, device=self.device).expand(batch_size, -1)
+
+    model = FirstTokens(**TINY)
+    _trainer(max_steps=3).fit(model, FakeLOCADataModule(batch_size=4))
+    assert calls == [4, 4, 4]
+    assert model.global_step == 3
+
+
+def test_nonfinite_loss_stops_with_step_and_components_or_skips():
+    class Poisoned(LOCAPretrainModule):
+        def compute_losses(self, *args):
+            out = super().compute_losses(*args)
+            if self.global_step == 1:
+                out["loss_location"] = out["loss_location"] * float("nan")
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1: .*loss_location=nan"):
+        _trainer(max_steps=3).fit(Poisoned(**TINY), FakeLOCADataModule())
+    model = Poisoned(**{**TINY, "on_nonfinite": "skip"})
+    _trainer(max_steps=3).fit(model, FakeLOCADataModule())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_export_backbone_copies_teacher_and_checkpoint_loads_weights_only(tmp_path):
+    model = LOCAPretrainModule(**TINY)
+    trainer = _trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(model, FakeLOCADataModule())
+    exported = model.export_backbone("teacher")
+    for (name, a), b in zip(exported.state_dict().items(), model.teacher.backbone.state_dict().values()):
+        assert torch.equal(a, b.cpu()), name
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    checkpoint = torch.load(ckpt, weights_only=True)  # our checkpoints are plain data
+    assert checkpoint["hyper_parameters"]["backbone"] == "vit_test_patch16"
