@@ -1,0 +1,208 @@
+"""SegmentationFinetuneModule: a ViT backbone (from LOCA, timm weights or scratch) plus a Segmenter decoder.
+
+Training follows the Segmenter protocol (SGD momentum 0.9, lr 1e-3, polynomial decay 0.9 per step, cross-entropy
+with 255 ignored); evaluation runs sliding-window (or whole / multi-scale + flip) inference at each image's native
+size and accumulates MMSegmentation-style mIoU over the whole dataset, synced across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.normalize import Normalize
+from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
+from loca_lightning.segmentation.decoders import build_decoder
+from loca_lightning.segmentation.inference import SegmentationInference
+from loca_lightning.segmentation.metrics import SegmentationMetric, format_class_table
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationFinetuneModule(L.LightningModule):
+    """Semantic segmentation with a ViT encoder and a linear or mask-transformer decoder.
+
+    Batches: ``image`` uint8 ``[B,3,H,W]`` (normalised here, on the device) and ``mask`` int64 ``[B,H,W]``
+    (255 = ignore). Evaluation batches may carry ``sizes`` ``[B,2]`` when images were padded to batch them.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 150,
+        backbone: str = "vit_base_patch16",
+        backbone_kwargs: dict[str, Any] | None = None,
+        image_size: int = 512,
+        drop_path_rate: float = 0.1,
+        pretrained: str | None = None,
+        pretrained_weights: Literal["teacher", "student"] = "teacher",
+        trust_checkpoint: bool = False,
+        freeze_backbone: bool = False,
+        decoder: str | nn.Module = "linear",
+        decoder_kwargs: dict[str, Any] | None = None,
+        ignore_index: int = 255,
+        class_names: list[str] | None = None,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer] = SegmenterSGD,
+        layer_decay: float | None = None,
+        poly_power: float = 0.9,
+        min_lr_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        inference_mode: Literal["whole", "slide"] = "slide",
+        window: int = 512,
+        stride: int = 512,
+        eval_scales: list[float] | None = None,
+        eval_flip: bool = False,
+        inference_batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "decoder"] if isinstance(decoder, nn.Module) else ["optimizer"])
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = build_backbone(
+            backbone, img_size=image_size, drop_path_rate=drop_path_rate, **(backbone_kwargs or {})
+        )
+        patch = self.backbone.patch_size
+        for key, value in (("image_size", image_size), ("window", window)):
+            if value % patch:
+                raise ValueError(f"{key}={value} is not a multiple of the patch size {patch} of {backbone}")
+        if pretrained:
+            try:
+                load_backbone_weights(self.backbone, pretrained, which=pretrained_weights, trust=trust_checkpoint)
+            except (ValueError, KeyError) as error:
+                raise ValueError(f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}") from error
+            log.info("backbone initialised from %s (%s weights)", pretrained, pretrained_weights)
+        if freeze_backbone:
+            for param in self.backbone.parameters():
+                param.requires_grad_(False)
+        self.decoder = (
+            decoder
+            if isinstance(decoder, nn.Module)
+            else build_decoder(decoder, self.backbone.embed_dim, num_classes, **(decoder_kwargs or {}))
+        )
+        self.normalize = Normalize()
+        self.inference = SegmentationInference(
+            mode=inference_mode,
+            window=window if inference_mode == "slide" else None,
+            stride=stride if inference_mode == "slide" else None,
+            scales=tuple(eval_scales or (1.0,)),
+            flip=eval_flip,
+            batch_size=inference_batch_size,
+        )
+        self.optimizer_factory = optimizer
+        self.val_metric = SegmentationMetric(num_classes, ignore_index)
+        self.test_metric = SegmentationMetric(num_classes, ignore_index)
+
+    # ------------------------------------------------------------------ model
+    def forward(self, images: Tensor) -> Tensor:
+        """Normalised images ``[B,3,H,W]`` -> logits ``[B,C,H,W]``; sides not multiple of the patch are padded."""
+        height, width = images.shape[-2:]
+        patch = self.backbone.patch_size
+        pad_h, pad_w = (-height) % patch, (-width) % patch
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        tokens = self.backbone(images)  # [B, N, D]
+        logits = self.decoder(tokens, grid)  # [B, C, gh, gw]
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :height, :width]
+
+    def predict_logits(self, image: Tensor) -> Tensor:
+        """Full-image scores ``[B,C,H,W]`` for uint8 or normalised images with the configured inference mode."""
+        return self.inference(self, self.normalize(image), self.hparams.num_classes)
+
+    # ------------------------------------------------------------------ setup checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.hparams.num_classes} but the data has {data_classes} classes "
+                f"(layout {getattr(datamodule, 'hparams', {}).get('layout', '?')}): make them equal"
+            )
+        names = self.hparams.class_names or getattr(datamodule, "class_names", None)
+        if names is not None and len(names) == self.hparams.num_classes:
+            self.class_names = list(names)
+        else:
+            self.class_names = [str(i) for i in range(self.hparams.num_classes)]
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, masks = self.normalize(batch["image"]), batch["mask"]
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams.ignore_index)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetric) -> None:
+        sizes = batch.get("sizes")
+        for i in range(batch["image"].shape[0]):
+            image, mask = batch["image"][i : i + 1], batch["mask"][i : i + 1]
+            if sizes is not None:  # padded to batch: evaluate on the image's own pixels only
+                height, width = (int(v) for v in sizes[i])
+                image, mask = image[..., :height, :width], mask[..., :height, :width]
+            metric.update(self.predict_logits(image).argmax(1), mask)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metric)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_metric.compute()
+        self.log_dict({f"val/{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")}, sync_dist=False)
+        self.val_metric.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metric)
+
+    def on_test_epoch_end(self) -> None:
+        result = self.test_metric.compute()
+        self.log_dict({f"test/{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")}, sync_dist=False)
+        self.last_test_result = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in result.items()}
+        rank_zero_info("\n" + format_class_table(result, getattr(self, "class_names", None)))
+        self.test_metric.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Class-index masks (uint8/int16 on CPU) at each image's native size, with names and paths."""
+        sizes = batch.get("sizes")
+        masks = []
+        for i in range(batch["image"].shape[0]):
+            image = batch["image"][i : i + 1]
+            if sizes is not None:
+                height, width = (int(v) for v in sizes[i])
+                image = image[..., :height, :width]
+            pred = self.predict_logits(image).argmax(1)[0]
+            masks.append(pred.to(torch.uint8 if self.hparams.num_classes <= 256 else torch.int16).cpu())
+        return {"masks": masks, "name": batch["name"], "image_path": batch["image_path"]}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        num_layers = len(self.backbone.blocks)
+        if hp.layer_decay is not None:
+            groups = param_groups(
+                self, 0.0, layer_decay=hp.layer_decay, num_layers=num_layers,
+                layer_id=lambda name: vit_layer_id(name, num_layers),
+            )
+        else:
+            groups = [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+        for group in groups:
+            group.pop("names", None)
+            group.pop("weight_decay", None)  # the optimizer's own weight decay applies (Segmenter: 0)
+        optimizer = self.optimizer_factory(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = LambdaLR(
+            optimizer, lambda step: poly(step, total, hp.poly_power, hp.min_lr_ratio, hp.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_backbone:  # a frozen encoder is a fixed feature extractor: no drop path in it
+            self.backbone.eval()
+
