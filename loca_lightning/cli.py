@@ -1,0 +1,70 @@
+"""The ``loca`` command: LightningCLI (fit / validate / test / predict) plus ``loca export``.
+
+Model and data are chosen in the config by class path, so one entry point serves pretraining and segmentation::
+
+    loca fit --config configs/pretrain.yaml
+    loca test --config configs/seg_ade.yaml --ckpt_path runs/seg_ade/.../last.ckpt
+    loca export runs/pretrain/.../last.ckpt vit_b16_loca.pth --weights teacher
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+DESCRIPTION = (
+    "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
+    "Subcommands: fit, validate, test, predict (LightningCLI, configured with --config FILE) and "
+    "`loca export CKPT OUT [--weights teacher|student] [--force]` (timm weights)."
+)
+
+
+class LOCACLI(LightningCLI):
+    """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept, lr logged per step."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # modules build their own optimizers from injected callables
+            seed_everything_default=0,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "loca"},
+                },
+            },
+            parser_kwargs={"description": DESCRIPTION},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Always-on callbacks with their own config sections (`checkpoint:`, `lr_monitor:`), so a config that sets
+        # trainer.callbacks does not silently lose them.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``loca`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        from loca_lightning.export import export_main
+
+        export_main(argv[1:])
+        return
+    LOCACLI(args=None if args is None else argv)
+
+
+if __name__ == "__main__":
+    main()

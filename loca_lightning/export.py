@@ -1,0 +1,73 @@
+"""``loca export CKPT OUT``: a checkpoint's backbone as timm weights plus a JSON of the model config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loca_lightning.backbones import build_backbone, export_timm_state_dict, load_backbone_weights
+from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
+from loca_lightning.backbones.vit import ViT
+
+
+def backbone_from_checkpoint(checkpoint: Mapping[str, Any], which: str = "teacher") -> ViT:
+    """Rebuild the backbone stored in a LOCA or segmentation checkpoint, with its own positional grid."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    name = hparams.get("backbone")
+    if not isinstance(name, str):
+        raise KeyError("the checkpoint has no 'backbone' hyperparameter: is it a loca-lightning checkpoint?")
+    state = extract_backbone_state_dict(checkpoint, which)
+    kwargs = dict(hparams.get("backbone_kwargs") or {})
+    probe = build_backbone(name, **kwargs)
+    side = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else probe.pos_grid[0]
+    kwargs["img_size"] = side * probe.patch_size  # keep the checkpoint's own table, do not resample it
+    backbone = build_backbone(name, **kwargs)
+    load_backbone_weights(backbone, state, which=which)
+    return backbone.eval()
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, which: str = "teacher", force: bool = False,
+                      trust: bool = False) -> str:
+    """Write ``out`` (timm state dict) and ``out`` + ``.json`` (config); return the ``timm.create_model`` call."""
+    out = Path(out)
+    config_path = out.with_name(out.name + ".json")
+    for path in (out, config_path):
+        if path.exists() and not force:
+            raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
+    backbone = backbone_from_checkpoint(load_weights_file(ckpt, trust=trust), which)
+    name, kwargs = timm_model_kwargs(backbone)
+    call = f"timm.create_model({name!r}, pretrained=False, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(export_timm_state_dict(backbone), tmp)
+    tmp.replace(out)  # atomic: no half-written file if killed
+    config = {"timm_name": name, "timm_kwargs": kwargs, "source_checkpoint": str(ckpt), "weights": which}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return call
+
+
+def export_main(argv: Sequence[str]) -> None:
+    """Command-line front end of :func:`export_checkpoint`."""
+    parser = argparse.ArgumentParser(prog="loca export", description=__doc__)
+    parser.add_argument("ckpt", help="a loca-lightning checkpoint (.ckpt)")
+    parser.add_argument("out", help="output file for the timm state dict (.pth)")
+    parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+                        help="which pretraining network to export (default: teacher)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    parser.add_argument("--trust", action="store_true",
+                        help="allow full unpickling of the checkpoint (only for files you made yourself)")
+    args = parser.parse_args(list(argv))
+    try:
+        call = export_checkpoint(args.ckpt, args.out, args.weights, args.force, args.trust)
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
+        parser.exit(2, f"loca export: error: {error}\n")
+    print(f"wrote {args.out} and {args.out}.json; load it with:")
+    print("import timm, torch")
+    print(f"model = {call}")
+    print(f"model.load_state_dict(torch.load({args.out!r}, weights_only=True), strict=True)")
