@@ -57,7 +57,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if decoded is not None and decoded.size > 0:
         if _is_truncated_jpeg(data):
             raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
-        return _to_rgb_uint8(decoded)
+        try:
+            return _to_rgb_uint8(decoded)
+        except (ValueError, cv2.error):  # e.g. float TIFFs, odd channel counts: let Pillow try below
+            pass
     try:  # formats or variants OpenCV does not decode (e.g. some CMYK or exotic files)
         with Image.open(path) as image:
             image.load()

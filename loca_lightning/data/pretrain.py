@@ -1,0 +1,229 @@
+"""LOCA pretraining data: a Dataset of views over image files or synthetic scenes, and its DataModule.
+
+Per-item randomness comes from a numpy Generator seeded with (seed, epoch, index): a run is reproducible
+whatever the number of workers or processes, and every item and epoch gets its own draws. The epoch lives
+in a shared-memory tensor that the DataLoader sets each time an epoch's iteration starts, so persistent
+workers see it without being restarted (see ``_EpochDataLoader``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
+from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.pretrain.views import LOCAViews
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 50
+
+
+class PathTable:
+    """Paths packed in two numpy arrays: no per-path Python objects whose reference counts would make
+    every DataLoader worker copy the pages of a million-file list (copy-on-read after fork)."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        encoded = [str(p).encode("utf-8") for p in paths]
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        if not 0 <= index < len(self):
+            raise IndexError(f"path index {index} out of range for {len(self)} paths")
+        return self._bytes[self._offsets[index] : self._offsets[index + 1]].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+class LOCAPretrainDataset(Dataset):
+    """LOCA views of images from a list of files or a :class:`SyntheticScenes`; unreadable files are skipped.
+
+    An item is the dict of :class:`LOCAViews` plus ``num_skipped``, the number of unreadable files passed
+    over (replaced by the next index, wrapping) to produce it.
+    """
+
+    def __init__(self, source: Sequence[str | Path] | SyntheticScenes, views: LOCAViews, seed: int = 0) -> None:
+        if len(source) == 0:
+            raise ValueError("LOCAPretrainDataset needs at least one image, got an empty source")
+        self.source = source if isinstance(source, SyntheticScenes) else PathTable(source)
+        self.views = views
+        self.seed = int(seed)
+        # Shared memory: workers (persistent or not, fork or spawn) read the epoch the main process sets.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the per-item randomness."""
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the items drawn from now on (in every worker)."""
+        self._epoch[0] = int(epoch)
+
+    def _image(self, index: int) -> np.ndarray:
+        if isinstance(self.source, SyntheticScenes):
+            return self.source[index]["image"]
+        return read_image(self.source[index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        position, skipped = index, 0
+        while True:
+            try:
+                image = self._image(position)
+                break
+            except Exception as error:  # any decoder failure: skip the file, never kill a long run
+                name = self.source[position] if isinstance(self.source, PathTable) else f"synthetic scene {position}"
+                log.warning("skipping unreadable image %s: %s", name, error)
+                skipped += 1
+                if skipped >= MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f"{skipped} consecutive images starting at index {index} could not be read; the dataset "
+                        "looks broken (see the warnings above for the files and reasons)"
+                    ) from error
+                position = (position + 1) % len(self.source)
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        item = self.views(image, rng)
+        item["num_skipped"] = skipped
+        return item
+
+
+class _EpochDataLoader(DataLoader):
+    """DataLoader that sets its dataset's epoch from ``epoch_fn`` each time iteration starts.
+
+    ``iter()`` is where an epoch's indices are sent to the workers (persistent ones included), so the
+    epoch is in shared memory before any item of that epoch is drawn. ``epoch_fn`` is a constructor
+    argument so that it survives Lightning re-creating the loader to insert a DistributedSampler.
+    """
+
+    def __init__(self, dataset: LOCAPretrainDataset, *args: Any, epoch_fn: Callable[[], int | None], **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_fn()
+        if epoch is not None:
+            self.dataset.set_epoch(epoch)
+        return super().__iter__()
+
+
+def _view_arguments(views: dict[str, Any] | None) -> dict[str, Any]:
+    """Check ``views`` against LOCAViews' signature: an unknown key is an error, never silently dropped."""
+    views = dict(views or {})
+    known = set(inspect.signature(LOCAViews).parameters)
+    unknown = sorted(set(views) - known)
+    if unknown:
+        raise TypeError(f"unknown LOCAViews argument(s) in views: {unknown}; expected some of {sorted(known)}")
+    return views
+
+
+class LOCAPretrainDataModule(L.LightningDataModule):
+    """Images (a folder tree, a path list, or synthetic scenes) -> batches of LOCA views and position targets.
+
+    Batches: ``reference [B,3,R,R]``, ``query_large [B,3,S,S]``, ``query_focal [B,n,3,F,F]`` (uint8 unless
+    ``views.normalize``), ``target_large [B,(S/P)^2]``, ``target_focal [B,n,(F/P)^2]`` (int64, -1 = no label),
+    ``num_skipped [B]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: Literal["folder", "list", "synthetic"] = "synthetic",
+        root: str | None = None,
+        list_file: str | None = None,
+        synthetic_length: int = 2048,
+        synthetic_image_size: int = 128,
+        synthetic_seed: int = 0,
+        views: dict[str, Any] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in ("folder", "list", "synthetic"):
+            raise ValueError(f"source must be 'folder', 'list' or 'synthetic', got {source!r}")
+        if source == "folder" and root is None:
+            raise ValueError("source='folder' needs root: the folder of training images")
+        if source == "list" and list_file is None:
+            raise ValueError("source='list' needs list_file: a text file of image paths")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
+        self.batch_size = batch_size
+        self._views = LOCAViews(**_view_arguments(views))
+        self.dataset: LOCAPretrainDataset | None = None
+
+    @property
+    def views(self) -> LOCAViews:
+        """The view sampler (sizes, patch size and grids are read from it by the LightningModule)."""
+        return self._views
+
+    def _source(self) -> Sequence[Path] | SyntheticScenes:
+        hp = self.hparams
+        if hp.source == "synthetic":
+            return SyntheticScenes(
+                length=hp.synthetic_length, image_size=hp.synthetic_image_size, seed=hp.synthetic_seed, with_masks=False
+            )
+        if hp.source == "folder":
+            paths = list_images(hp.root)
+            check_nonempty(paths, f"folder {hp.root!r}")
+            return paths
+        paths = read_path_list(hp.list_file, hp.root)
+        check_nonempty(paths, f"path list {hp.list_file!r}")
+        return paths
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the dataset (once; the file listing of a large folder is slow)."""
+        if self.dataset is None:
+            self.dataset = LOCAPretrainDataset(self._source(), self._views, seed=self.hparams.seed)
+
+    def _current_epoch(self) -> int | None:
+        # None outside a Trainer: keep whatever set_epoch() was given.
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the per-item randomness of the following items with ``epoch`` (done automatically under a Trainer)."""
+        if self.dataset is None:
+            self.setup()
+        self.dataset.set_epoch(epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader; under DDP Lightning swaps in its DistributedSampler."""
+        if self.dataset is None:
+            self.setup("fit")
+        hp = self.hparams
+        return _EpochDataLoader(
+            self.dataset,
+            epoch_fn=self._current_epoch,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            drop_last=hp.drop_last,
+            # The shuffle order follows ``seed`` too (under DDP, Lightning's DistributedSampler takes over).
+            generator=torch.Generator().manual_seed(hp.seed),
+        )
