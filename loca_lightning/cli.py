@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from loca_lightning.callbacks import SegmentationPredictionWriter
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -53,6 +56,20 @@ class LOCACLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # Writes masks during `loca predict` (`prediction_writer:` section); its hooks are predict-only.
+        parser.add_lightning_class_args(SegmentationPredictionWriter, "prediction_writer")
+
+    def after_instantiate_classes(self) -> None:
+        """Drop the lr monitor when there is no logger (`--trainer.logger false`): it would refuse to start."""
+        super().after_instantiate_classes()
+        if self.trainer is not None and not self.trainer.loggers:
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+
+    def predict(self, **kwargs: Any) -> None:
+        """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already."""
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
 
 
 def main(args: Sequence[str] | None = None) -> None:

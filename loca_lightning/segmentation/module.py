@@ -66,6 +66,8 @@ class SegmentationFinetuneModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "decoder"] if isinstance(decoder, nn.Module) else ["optimizer"])
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         self.backbone = build_backbone(
             backbone, img_size=image_size, drop_path_rate=drop_path_rate, **(backbone_kwargs or {})
         )
@@ -201,6 +203,14 @@ class SegmentationFinetuneModule(L.LightningModule):
             optimizer, lambda step: poly(step, total, hp.poly_power, hp.min_lr_ratio, hp.warmup_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint holds the finetuned weights: restoring it (load_from_checkpoint, `loca test --ckpt_path`)
+        # must neither need nor re-read the pretraining file, which may be gone. Its path is kept for the record.
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams.get("pretrained"):
+            checkpoint["pretrained_source"] = hparams["pretrained"]
+            hparams["pretrained"] = None
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_backbone:  # a frozen encoder is a fixed feature extractor: no drop path in it
