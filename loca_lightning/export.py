@@ -32,15 +32,26 @@ def backbone_from_checkpoint(checkpoint: Mapping[str, Any], which: str = "teache
     return backbone.eval()
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, which: str = "teacher", force: bool = False,
+def default_weights(checkpoint: Mapping[str, Any]) -> str:
+    """``"teacher"`` when the checkpoint has a teacher backbone (LOCA pretraining), else ``"student"``."""
+    state = checkpoint.get("state_dict", checkpoint)
+    return "teacher" if any(str(k).startswith(("teacher.backbone.", "teacher_backbone.")) for k in state) else "student"
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, which: str | None = None, force: bool = False,
                       trust: bool = False) -> str:
-    """Write ``out`` (timm state dict) and ``out`` + ``.json`` (config); return the ``timm.create_model`` call."""
+    """Write ``out`` (timm state dict) and ``out`` + ``.json`` (config); return the ``timm.create_model`` call.
+
+    ``which=None`` exports the teacher of a pretraining checkpoint and the backbone of a segmentation checkpoint.
+    """
     out = Path(out)
     config_path = out.with_name(out.name + ".json")
     for path in (out, config_path):
         if path.exists() and not force:
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
-    backbone = backbone_from_checkpoint(load_weights_file(ckpt, trust=trust), which)
+    checkpoint = load_weights_file(ckpt, trust=trust)
+    which = which or default_weights(checkpoint)
+    backbone = backbone_from_checkpoint(checkpoint, which)
     name, kwargs = timm_model_kwargs(backbone)
     call = f"timm.create_model({name!r}, pretrained=False, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +68,9 @@ def export_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="loca export", description=__doc__)
     parser.add_argument("ckpt", help="a loca-lightning checkpoint (.ckpt)")
     parser.add_argument("out", help="output file for the timm state dict (.pth)")
-    parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
-                        help="which pretraining network to export (default: teacher)")
+    parser.add_argument("--weights", choices=["teacher", "student"], default=None,
+                        help="which pretraining network to export (default: the teacher when there is one, "
+                        "else the checkpoint's only backbone)")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--trust", action="store_true",
                         help="allow full unpickling of the checkpoint (only for files you made yourself)")
