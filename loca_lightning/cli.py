@@ -16,8 +16,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from loca_lightning.callbacks import SegmentationPredictionWriter
+from loca_lightning.checkpointing import AtomicCheckpointIO
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -27,7 +29,8 @@ DESCRIPTION = (
 
 
 class LOCACLI(LightningCLI):
-    """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept, lr logged per step."""
+    """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept (written atomically),
+    lr logged per step."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -58,6 +61,15 @@ class LOCACLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Writes masks during `loca predict` (`prediction_writer:` section); its hooks are predict-only.
         parser.add_lightning_class_args(SegmentationPredictionWriter, "prediction_writer")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.
+        # A config that names its own CheckpointIO plugin keeps it.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
         """Drop the lr monitor when there is no logger (`--trainer.logger false`): it would refuse to start."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.vit import ViT
+from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
 from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
@@ -32,25 +34,29 @@ from loca_lightning.pretrain.losses import (
 
 log = logging.getLogger(__name__)
 
-def band_keep_index(batch: int, num_tokens: int, keep: int, mode: str, device: torch.device) -> Tensor:
+def band_keep_index(
+    batch: int, num_tokens: int, keep: int, mode: str, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
     """Reference tokens kept as keys of the location head ``[B, keep]``, drawn per sample.
 
     consecutive: a band of ``keep`` tokens in raster order at a random offset; unstructured: a random subset;
     first: the first ``keep`` tokens.
     """
     if mode == "consecutive":
-        offset = torch.randint(0, num_tokens - keep + 1, (batch, 1), device=device)
+        offset = torch.randint(0, num_tokens - keep + 1, (batch, 1), device=device, generator=generator)
         return offset + torch.arange(keep, device=device)
     if mode == "unstructured":
-        return random_keep_index(batch, num_tokens, keep, device)
+        return random_keep_index(batch, num_tokens, keep, device, generator)
     if mode == "first":
         return torch.arange(keep, device=device).expand(batch, -1)
     raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {mode!r}")
 
 
-def random_keep_index(batch: int, num_tokens: int, keep: int, device: torch.device) -> Tensor:
+def random_keep_index(
+    batch: int, num_tokens: int, keep: int, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
     """A uniformly random subset of ``keep`` of ``num_tokens`` token positions per sample, sorted: ``[B, keep]``."""
-    return torch.rand(batch, num_tokens, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
+    return torch.rand(batch, num_tokens, device=device, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 def masked_accuracy(logits: Tensor, target: Tensor) -> Tensor:
@@ -161,28 +167,87 @@ class LOCAPretrainModule(L.LightningModule):
         self.normalize = Normalize()
         self.total_steps = 1
         self._checked_batch = False
+        self.last_step: dict[str, Any] = {}  # detached tensors of the latest training step, read by image callbacks
         self.register_buffer("skipped_images", torch.zeros((), dtype=torch.long), persistent=True)
+        self._mask_generator: torch.Generator | None = None
+        self._mask_generator_state: Tensor | None = None  # from a checkpoint, applied on first use
+
+    # ------------------------------------------------------------------ random state (exact resume)
+    def mask_generator(self) -> torch.Generator:
+        """The generator of the token masks, on the module's device; its state travels in checkpoints.
+
+        Seeded on first use from the global RNG (so ``seed_everything`` fixes it) plus the global rank (so
+        processes draw different masks); a resumed run continues its sequence instead of restarting it.
+        """
+        generator = self._mask_generator
+        if generator is None or generator.device != self.device:
+            generator = torch.Generator(device=self.device)
+            if self._mask_generator_state is not None:
+                generator.set_state(self._mask_generator_state)
+                self._mask_generator_state = None
+            elif self._mask_generator is not None:  # moved to another device: keep the sequence
+                generator.set_state(self._mask_generator.get_state())
+            else:
+                generator.manual_seed(int(torch.randint(0, 2**62, ())) + self.global_rank)
+            self._mask_generator = generator
+        return generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the random state (global torch RNG for drop path, the mask generator) for exact resume."""
+        checkpoint[RNG_KEY] = capture_rng_state({"mask": self._mask_generator})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random state saved by :meth:`on_save_checkpoint`; warn about changed hyperparameters."""
+        warn_hparam_changes(checkpoint, dict(self.hparams), "LOCA pretraining")
+        if RNG_KEY in checkpoint:
+            generators = restore_rng_state(checkpoint[RNG_KEY])
+            self._mask_generator, self._mask_generator_state = None, generators.get("mask")
 
     def configure_model(self) -> None:
-        """Compile the transformer blocks in place when asked (state-dict keys stay unchanged)."""
+        """Compile the transformer blocks in place when asked (state-dict keys stay unchanged); under
+        ``ModelParallelStrategy`` shard student and teacher with FSDP2: one unit per transformer block, one per
+        backbone, head and projection.
+
+        Student and teacher are sharded alike, so the EMA update pairs local shards (a foreach lerp on DTensors).
+        """
+        backbones = [self.student.backbone] + ([self.teacher.backbone] if self.teacher is not None else [])
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            backbones = [self.student.backbone] + ([self.teacher.backbone] if self.teacher is not None else [])
             for backbone in backbones:
                 for block in backbone.blocks:
                     block.compile()
             self._compiled = True
+        mesh = self.device_mesh
+        if mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            names = mesh.mesh_dim_names or ()
+            data_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+            for backbone in backbones:
+                for block in backbone.blocks:
+                    fully_shard(block, mesh=data_mesh)
+            # The step calls backbones and heads directly (never student.forward), so each is a root unit of its own.
+            roots = [backbone for backbone in backbones] + [self.student.location_head]
+            roots += [m.projection for m in (self.student, self.teacher) if m is not None and m.projection is not None]
+            for root in roots:
+                fully_shard(root, mesh=data_mesh)
+            self._sharded = True
 
     # ------------------------------------------------------------------ hooks a subclass may override
     def select_reference_keep(self, batch_size: int) -> Tensor:
         """Indices ``[B, Kr]`` of reference tokens visible to the location head."""
         return band_keep_index(
-            batch_size, self.num_positions, self.reference_keep, self.hparams.reference_mask, self.device
+            batch_size,
+            self.num_positions,
+            self.reference_keep,
+            self.hparams.reference_mask,
+            self.device,
+            self.mask_generator(),
         )
 
     def select_query_keep(self, batch_size: int, num_tokens: int) -> Tensor:
         """Indices ``[B, Kq]`` of large-query tokens fed to the encoder (the rest are dropped before it)."""
         keep = max(1, round(self.hparams.query_keep_ratio * num_tokens))
-        return random_keep_index(batch_size, num_tokens, keep, self.device)
+        return random_keep_index(batch_size, num_tokens, keep, self.device, self.mask_generator())
 
     def encode_reference(self, reference: Tensor, reference_keep: Tensor) -> tuple[Tensor, Tensor | None]:
         """Reference keys for the location head ``[B, Kr, D]`` and Sinkhorn targets ``[B, R, K]`` (or None)."""
@@ -246,6 +311,13 @@ class LOCAPretrainModule(L.LightningModule):
 
         num_large = large_keep.shape[1]
         logits = out["location_logits"]
+        # Detached references for callbacks (image logging): no copy, no extra compute, no host sync.
+        self.last_step = {
+            "reference_keep": reference_keep.detach(),
+            "location_logits": logits.detach(),
+            "target": target.detach(),
+            "num_large": num_large,
+        }
         metrics = {
             "train/loss": out["loss"],
             "train/loss_location": out["loss_location"],
@@ -264,16 +336,40 @@ class LOCAPretrainModule(L.LightningModule):
         return self._guard_nonfinite(out)
 
     def _guard_nonfinite(self, out: dict[str, Tensor]) -> Tensor | None:
-        """Stop (default) or skip the step when the loss is not finite; named components make the cause visible."""
+        """Stop (default) or skip the step when the loss is not finite; named components make the cause visible.
+
+        The decision is taken over all processes (any rank non-finite), so ranks skip or stop together. Before
+        stopping, the last good state (weights before this step) is saved as ``nonfinite-step{N}.ckpt`` next to
+        the run's checkpoints.
+        """
         loss = out["loss"]
-        if torch.isfinite(loss.detach()).all():  # one host sync per step; the price of never training on NaN
+        nonfinite = not bool(torch.isfinite(loss.detach()).all())  # one host sync per step: never train on NaN
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if not nonfinite:
             return loss
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.startswith("loss"))
         message = f"non-finite loss at step {self.global_step}: {parts}"
         if self.hparams.on_nonfinite == "skip":
             log.warning("%s; skipping this step", message)
             return None
-        raise FloatingPointError(message + " (set on_nonfinite: skip to skip such steps)")
+        saved = self._save_last_good_state() if trainer is not None else None
+        hint = f"; the last good state is in {saved}" if saved else ""
+        raise FloatingPointError(message + hint + " (set on_nonfinite: skip to skip such steps)")
+
+    def _save_last_good_state(self) -> str | None:
+        """Save ``nonfinite-step{N}.ckpt`` (collective: every rank calls it) where the run keeps its checkpoints."""
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or trainer.default_root_dir
+        path = os.path.join(folder, f"nonfinite-step{self.global_step}.ckpt")
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as error:  # the FloatingPointError is the news; a failed rescue must not hide it
+            log.error("could not save the last good state to %s: %s", path, error)
+            return None
+        return path
 
     def _check_batch(self, batch: dict[str, Tensor]) -> None:
         """Check once that the data matches the model (sizes, keys); errors name the keys to change."""
@@ -289,21 +385,32 @@ class LOCAPretrainModule(L.LightningModule):
         self._checked_batch = True
 
     # ------------------------------------------------------------------ teacher
-    def on_train_start(self) -> None:
-        self._last_ema_step = self.global_step
-
     def on_train_epoch_start(self) -> None:
         if self.teacher is not None and not self.hparams.teacher_train_mode:
             self.teacher.eval()
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the teacher's EMA update: inside the step, so that no callback (a checkpoint in
+        ``on_train_batch_end``) can see a student that moved without its teacher. Only real steps get here, not
+        accumulation-only batches."""
+        step = self.global_step  # index of this step: the counter moves on after the hook returns
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.teacher is not None:
+            self._last_momentum = self.momentum_at(step)
+            if getattr(self, "_sharded", False):  # root units keep gathered weights after forward: shard them again
+                from torch.distributed.fsdp import FSDPModule
+
+                for module in (*self.teacher.modules(), *self.student.modules()):
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+            with torch.no_grad():
+                ema_update(*self.teacher.ema_pairs(self.student), self._last_momentum)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update of the teacher after each optimizer step (not after accumulation-only batches)."""
-        if self.teacher is None or self.global_step == getattr(self, "_last_ema_step", -1):
-            return
-        self._last_ema_step = self.global_step
-        momentum = self.momentum_at(self.global_step - 1)
-        ema_update(*self.teacher.ema_pairs(self.student), momentum)
-        self.log("train/momentum", momentum, on_step=True, on_epoch=False)
+        """Log the momentum of the EMA update made in :meth:`optimizer_step`."""
+        momentum = getattr(self, "_last_momentum", None)
+        if momentum is not None:
+            self.log("train/momentum", momentum, on_step=True, on_epoch=False)
 
     def momentum_at(self, step: int) -> float:
         """Teacher momentum used after optimizer step ``step`` (cosine from momentum_base to momentum_final)."""

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
 from loca_lightning.segmentation.decoders import build_decoder
@@ -211,6 +212,19 @@ class SegmentationFinetuneModule(L.LightningModule):
         if isinstance(hparams, dict) and hparams.get("pretrained"):
             checkpoint["pretrained_source"] = hparams["pretrained"]
             hparams["pretrained"] = None
+        checkpoint[RNG_KEY] = capture_rng_state()  # drop path draws from the global RNG: exact resume needs it
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random state; warn (``key: old -> new``) when the checkpoint had other hyperparameters."""
+        saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(self.hparams)
+        if checkpoint.get("pretrained_source"):  # cleared on save (see above): compare with what it was
+            saved["pretrained"] = checkpoint["pretrained_source"]
+        if current.get("pretrained") is None:  # load_from_checkpoint: the weights come from the checkpoint itself
+            saved.pop("pretrained", None)
+            current.pop("pretrained", None)
+        warn_hparam_changes({"hyper_parameters": saved}, current, "segmentation")
+        if RNG_KEY in checkpoint:
+            restore_rng_state(checkpoint[RNG_KEY])
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_backbone:  # a frozen encoder is a fixed feature extractor: no drop path in it

@@ -1,0 +1,97 @@
+"""Checkpoint helpers: atomic writes, random-number state for exact resume, and hyperparameter diffs on load."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+RNG_KEY = "loca_rng_state"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in the target folder, then renames it over the target.
+
+    A crash or a full disk mid-write leaves the previous file (e.g. ``last.ckpt``) whole: ``os.replace`` within one
+    folder is atomic on POSIX filesystems. Remote paths (``s3://``...) fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically (local filesystems)."""
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            super().save_checkpoint(checkpoint, path)
+            return
+        target = Path(path)
+        get_filesystem(str(target)).makedirs(str(target.parent), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator | None] | None = None) -> dict[str, Any]:
+    """The global torch CPU (and CUDA) RNG state plus the states of named generators, for a checkpoint."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for name, generator in (generators or {}).items():
+        if generator is not None:
+            state[f"generator/{name}"] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Restore the global RNG states saved by :func:`capture_rng_state`; return the named generators' states."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    prefix = "generator/"
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def hparam_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between a checkpoint's hyperparameters and the current ones: ``key: (old, new)``.
+
+    A key present on one side only is reported with ``"<absent>"`` on the other.
+    """
+    missing = "<absent>"
+    out = {}
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key, missing), current.get(key, missing)
+        try:
+            same = bool(old == new)
+        except Exception:  # tensors or arrays: compare their text
+            same = repr(old) == repr(new)
+        if not same:
+            out[key] = (old, new)
+    return out
+
+
+def warn_hparam_changes(checkpoint: Mapping[str, Any], current: Mapping[str, Any], what: str) -> dict[str, tuple]:
+    """Warn (once, listing ``key: old -> new``) when ``checkpoint`` was trained with other hyperparameters."""
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, Mapping):
+        return {}
+    diff = hparam_differences(saved, current)
+    if diff:
+        lines = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in diff.items())
+        message = f"loading a {what} checkpoint trained with other hyperparameters: {lines}"
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return diff

@@ -1,0 +1,61 @@
+"""A few LOCA pretraining steps under Lightning's ModelParallelStrategy (FSDP2, gloo, 2 CPU processes), optionally
+stopping halfway and resuming from the sharded checkpoint; rank 0 saves the full final weights.
+
+Usage: python fsdp2_pretrain.py STEPS STOP_AT(0 = none) CKPT_DIR OUT.pt   (run by tests/test_distributed.py)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ddp_pretrain import TINY, SampleMasks, StridedData  # noqa: E402
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule:
+    L.seed_everything(0)
+    model = SampleMasks(**TINY)
+    model.initial = {k: v.clone() for k, v in model.state_dict().items()}  # before sharding
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                                     every_n_train_steps=1)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[checkpoint] + ([StopAt(stop)] if stop else []))
+    # 8 samples, 2 per rank: 2 steps per epoch, so a stop after step 2 is at an epoch boundary (a plain DataLoader
+    # cannot resume mid-epoch)
+    trainer.fit(model, StridedData(batch_size=2, length=8), ckpt_path="last" if resume else None)
+    return trainer, model
+
+
+def main() -> None:
+    steps, stop, ckpt_dir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    trainer, model = fit(steps, stop, ckpt_dir, resume=False)
+    if stop:
+        trainer, model = fit(steps, 0, ckpt_dir, resume=True)
+    full = {}
+    for key, value in model.state_dict().items():  # DTensor shards -> full tensors (a collective: all ranks)
+        full[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    sharded = type(model.student.backbone.blocks[0].attn.qkv.weight).__name__
+    if trainer.is_global_zero:
+        torch.save({"state_dict": full, "initial": model.initial, "global_step": trainer.global_step,
+                    "param_type": sharded}, out)
+
+
+if __name__ == "__main__":
+    main()
