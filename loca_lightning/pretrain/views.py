@@ -5,21 +5,21 @@ tested alone. Semantics follow the authors' release (google-research/scenic, sce
 ``ops.py`` and ``configs/loca_imnet1k_base16.py``); see sections 1-2 of docs/loca-spec.md.
 
 Determinism: given the same ``rng`` state, ``LOCAViews.__call__`` returns identical arrays. Boxes,
-flips and every albumentations draw come from that generator (the pipelines' random state is
-re-pointed at it on every call); the draws of albumentations depend on its version, the geometry
-does not.
+flips and every photometric parameter come from that generator; the pixel operations are
+albumentations' own functions, called directly (see :class:`Photometrics`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import random
 from collections.abc import Sequence
 
-import albumentations as A
+import albucore
 import cv2
 import numpy as np
+from albumentations.augmentations.blur import functional as fblur
+from albumentations.augmentations.pixel import functional as fpixel
 
 # OpenCV's own threads fight with DataLoader workers; parallelism comes from the workers instead.
 cv2.setNumThreads(0)
@@ -127,6 +127,22 @@ def position_targets(
     its float32 nearest resizes); a flipped query keeps the true cells of the points it shows, so its
     grid is the unflipped one mirrored left-right.
     """
+    boxes = np.asarray([query_box], dtype=np.int64)
+    return position_targets_batch(boxes, query_size, np.array([flipped]), reference_box, reference_size, patch_size)[0]
+
+
+def position_targets_batch(
+    query_boxes: np.ndarray,
+    query_size: int,
+    flipped: np.ndarray,
+    reference_box: Box,
+    reference_size: int,
+    patch_size: int,
+) -> np.ndarray:
+    """:func:`position_targets` of ``n`` query boxes ``[n, 4]`` of one size at once: ``[n, (query_size / patch_size)^2]``.
+
+    One vectorised computation instead of a Python loop over the focal queries.
+    """
     if query_size <= 0 or query_size % patch_size or reference_size <= 0 or reference_size % patch_size:
         raise ValueError(
             f"query_size {query_size} and reference_size {reference_size} must be positive multiples of "
@@ -134,17 +150,74 @@ def position_targets(
         )
     grid = reference_size // patch_size
     centre = _patch_centres(query_size, patch_size)  # [Gq]
-    boxes = np.array([query_box, reference_box], dtype=np.int64)  # [2, 4] (y0, x0, h, w)
-    start, length = boxes[0, :2, None], boxes[0, 2:, None]  # [2, 1] per axis (rows, cols)
-    # Original pixel under each patch centre, minus the reference start: [2, Gq].
-    offset = start + (centre * length) // (2 * query_size) - boxes[1, :2, None]
-    ref_length = boxes[1, 2:, None]
+    queries = np.asarray(query_boxes, dtype=np.int64).reshape(-1, 4)  # [n, 4] (y0, x0, h, w)
+    reference = np.asarray(reference_box, dtype=np.int64)  # [4]
+    start, length = queries[:, :2, None], queries[:, 2:, None]  # [n, 2, 1] per axis (rows, cols)
+    # Original pixel under each patch centre, minus the reference start: [n, 2, Gq].
+    offset = start + (centre * length) // (2 * query_size) - reference[:2, None]
+    ref_length = reference[2:, None]  # [2, 1]
     cells = ((2 * offset + 1) * grid) // (2 * ref_length)  # the reference grid resized to its crop
     cells[(offset < 0) | (offset >= ref_length)] = -1
-    rows, cols = cells[0], cells[1, ::-1] if flipped else cells[1]
-    targets = rows[:, None] * grid + cols[None, :]  # [Gq, Gq]
-    targets[(rows[:, None] < 0) | (cols[None, :] < 0)] = -1
-    return targets.reshape(-1)
+    rows, cols = cells[:, 0], cells[:, 1]  # [n, Gq] each
+    cols = np.where(np.asarray(flipped, dtype=bool).reshape(-1, 1), cols[:, ::-1], cols)
+    targets = rows[:, :, None] * grid + cols[:, None, :]  # [n, Gq, Gq]
+    targets[(rows[:, :, None] < 0) | (cols[:, None, :] < 0)] = -1
+    return targets.reshape(len(queries), len(centre) ** 2)
+
+
+class Photometrics:
+    """The release's photometric chain for one view: the four colour changes in random order (together with
+    probability ``jitter_prob``), grayscale, Gaussian blur, solarize; ``__call__(view, rng)`` on HWC uint8.
+
+    Each operation is albumentations' own function, with its parameters drawn from ``rng`` as the matching
+    albumentations transform draws them (uniform ranges, a uniform random order). Calling the functions
+    directly skips the transforms' per-call machinery: ~0.3 ms of a ~4 ms sample (benchmarks/README.md).
+    Brightness is additive (x + delta * 255), exactly tf.image.random_brightness. The others are the closest
+    albumentations ops: contrast pivots on the image's luma mean (release: each channel's own mean),
+    saturation blends with the luma image (release: scales HSV saturation), hue shifts OpenCV's 8-bit HSV
+    hue (release: float HSV).
+    """
+
+    def __init__(
+        self,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        jitter_prob: float,
+        grayscale_prob: float,
+        blur_prob: float,
+        blur_kernel: int,
+        solarize_prob: float,
+    ) -> None:
+        self.jitter = [(name, amount) for name, amount in (("brightness", brightness), ("contrast", contrast),
+                       ("saturation", saturation), ("hue", hue)) if amount > 0]  # fmt: skip
+        self.jitter_prob, self.grayscale_prob = jitter_prob, grayscale_prob
+        self.blur_prob, self.blur_kernel, self.solarize_prob = blur_prob, blur_kernel, solarize_prob
+
+    @staticmethod
+    def _jitter(name: str, amount: float, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if name == "brightness":  # RandomBrightnessContrast(brightness_by_max=True): beta * 255 added
+            return albucore.multiply_add(view, 1.0, rng.uniform(-amount, amount) * 255.0, inplace=False)
+        if name == "contrast":  # ColorJitter(contrast=(1 - c, 1 + c))
+            return fpixel.adjust_contrast_torchvision(view, rng.uniform(max(0.0, 1 - amount), 1 + amount))
+        if name == "saturation":
+            return fpixel.adjust_saturation_torchvision(view, rng.uniform(max(0.0, 1 - amount), 1 + amount))
+        return fpixel.adjust_hue_torchvision(view, rng.uniform(-amount, amount))
+
+    def __call__(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The view after the chain (a new array when anything applied)."""
+        if self.jitter and self.jitter_prob > 0 and rng.random() < self.jitter_prob:
+            for index in rng.permutation(len(self.jitter)):
+                view = self._jitter(*self.jitter[index], view, rng)
+        if self.grayscale_prob > 0 and rng.random() < self.grayscale_prob:
+            view = fpixel.to_gray(view, 3, "weighted_average")
+        if self.blur_prob > 0 and rng.random() < self.blur_prob:  # GaussianBlur(sigma_limit=(0.1, 2.0))
+            kernel = fblur.create_gaussian_kernel_1d(rng.uniform(0.1, 2.0), self.blur_kernel)
+            view = fpixel.separable_convolve(view, kernel)
+        if self.solarize_prob > 0 and rng.random() < self.solarize_prob:
+            view = fpixel.solarize(view, 0.5)  # threshold 0.5 of 255 inverts x >= 128, as the release's x / 255 >= 0.5
+        return view
 
 
 def _check_range(name: str, value: Sequence[float], high: float) -> tuple[float, float]:
@@ -221,7 +294,6 @@ class LOCAViews:
         self.num_focal, self.patch_size, self.max_tries = num_focal, patch_size, max_tries
         self.photometric, self.normalize, self.return_boxes = photometric, normalize, return_boxes
         self.jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-        # Built once: albumentations validates arguments at construction, which costs more than applying.
         self._pipelines = (
             self._pipeline(reference_size, self.blur_prob[0], 0.0),
             self._pipeline(query_size, self.blur_prob[1], self.solarize_prob),
@@ -243,59 +315,31 @@ class LOCAViews:
         """Patches per side of a focal query."""
         return self.focal_size // self.patch_size
 
-    def _pipeline(self, size: int, blur_prob: float, solarize_prob: float) -> A.Compose | None:
+    def _pipeline(self, size: int, blur_prob: float, solarize_prob: float) -> Photometrics | None:
         """The release's photometric chain for one view: jitter, grayscale, blur, (solarize)."""
         if not self.photometric:
             return None
-        transforms: list = []
-        jitter = self._jitter_ops()
-        if jitter and self.color_jitter_prob > 0:
-            transforms.append(A.RandomOrder(jitter, n=len(jitter), p=self.color_jitter_prob))
-        if self.grayscale_prob > 0:
-            transforms.append(A.ToGray(num_output_channels=3, method="weighted_average", p=self.grayscale_prob))
-        if blur_prob > 0:
-            # DINO-style: sigma 0.1-2.0, the kernel the release meant (size // 10 taps, made odd).
-            kernel = max(3, 2 * (size // 20) + 1)
-            transforms.append(A.GaussianBlur(blur_limit=(kernel, kernel), sigma_limit=(0.1, 2.0), p=blur_prob))
-        if solarize_prob > 0:
-            # threshold 0.5 of 255 inverts x >= 128, as the release's x >= 0.5 on x / 255
-            transforms.append(A.Solarize(threshold_range=(0.5, 0.5), p=solarize_prob))
-        return A.Compose(transforms) if transforms else None
+        # DINO-style blur: the kernel the release meant (size // 10 taps, made odd).
+        return Photometrics(
+            **self.jitter,
+            jitter_prob=self.color_jitter_prob,
+            grayscale_prob=self.grayscale_prob,
+            blur_prob=blur_prob,
+            blur_kernel=max(3, 2 * (size // 20) + 1),
+            solarize_prob=solarize_prob,
+        )
 
-    def _jitter_ops(self) -> list:
-        """The four colour changes as separate ops, so that RandomOrder permutes all four like the release.
-
-        Brightness is additive (x + delta * 255), exactly tf.image.random_brightness. The others are the
-        closest albumentations ops: contrast pivots on the image's luma mean (release: each channel's own
-        mean), saturation blends with the luma image (release: scales HSV saturation), hue shifts OpenCV's
-        8-bit HSV hue (release: float HSV).
-        """
-        j = self.jitter
-        ops: list = []
-        if j["brightness"] > 0:
-            ops.append(
-                A.RandomBrightnessContrast(
-                    brightness_limit=(-j["brightness"], j["brightness"]),
-                    contrast_limit=(0.0, 0.0),
-                    brightness_by_max=True,
-                    p=1.0,
-                )
-            )
-        neutral = dict(brightness=(1.0, 1.0), contrast=(1.0, 1.0), saturation=(1.0, 1.0), hue=(0.0, 0.0))
-        for name in ("contrast", "saturation"):
-            if j[name] > 0:
-                ops.append(A.ColorJitter(**{**neutral, name: (max(0.0, 1 - j[name]), 1 + j[name])}, p=1.0))
-        if j["hue"] > 0:
-            ops.append(A.ColorJitter(**{**neutral, "hue": (-j["hue"], j["hue"])}, p=1.0))
-        return ops
-
-    def _finish(self, view: np.ndarray, pipeline: A.Compose | None, out: np.ndarray) -> None:
+    def _finish(
+        self, view: np.ndarray, pipeline: Photometrics | None, rng: np.random.Generator, out: np.ndarray
+    ) -> None:
         """Photometrics on HWC uint8, then write ``view`` into ``out`` [3, S, S] (uint8, or float32 normalised)."""
         if pipeline is not None:
-            view = pipeline(image=view)["image"]
+            view = pipeline(view, rng)
         if self.normalize:
             view = (view.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
-        np.copyto(out, view.transpose(2, 0, 1))
+        planes = list(out)  # [S, S] views of out's channels: cv2.split writes HWC -> CHW ~5x faster than numpy
+        if cv2.split(view, planes)[0] is not planes[0]:  # OpenCV allocated new planes (dtype mismatch): copy
+            np.copyto(out, view.transpose(2, 0, 1))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         """All views and targets of ``image`` (RGB uint8 [H, W, 3]); ``rng`` drives every random draw."""
@@ -312,11 +356,6 @@ class LOCAViews:
         scales = [self.query_scale] + [self.focal_scale] * self.num_focal
         boxes = [sample_crop_box(rng, height, width, scale, self.ratio, self.max_tries) for scale in scales]
         flips = [bool(flip) for flip in rng.random(len(boxes)) < self.flip_prob]
-        if self.photometric:  # albumentations then draws from the same stream: the whole sample is reproducible
-            py_random = random.Random(int(rng.integers(2**63)))
-            for pipeline in self._pipelines:
-                if pipeline is not None:
-                    pipeline.set_random_state(rng, py_random)
         ref_pipeline, large_pipeline, focal_pipeline = self._pipelines
         dtype = np.float32 if self.normalize else np.uint8
         size_r, size_q, size_f = self.reference_size, self.query_size, self.focal_size
@@ -325,13 +364,14 @@ class LOCAViews:
             "query_large": np.empty((3, size_q, size_q), dtype),
             "query_focal": np.empty((self.num_focal, 3, size_f, size_f), dtype),
             "target_large": position_targets(boxes[0], size_q, flips[0], ref_box, size_r, self.patch_size),
-            "target_focal": np.empty((self.num_focal, self.focal_grid**2), np.int64),
+            "target_focal": position_targets_batch(
+                np.asarray(boxes[1:], dtype=np.int64), size_f, np.asarray(flips[1:]), ref_box, size_r, self.patch_size
+            ),
         }  # [3, R, R], [3, S, S], [n, 3, F, F], [(S/P)^2], [n, (F/P)^2]
-        self._finish(crop_resize(image, ref_box, size_r), ref_pipeline, out["reference"])
-        self._finish(crop_resize(image, boxes[0], size_q, flips[0]), large_pipeline, out["query_large"])
+        self._finish(crop_resize(image, ref_box, size_r), ref_pipeline, rng, out["reference"])
+        self._finish(crop_resize(image, boxes[0], size_q, flips[0]), large_pipeline, rng, out["query_large"])
         for i, (box, flip) in enumerate(zip(boxes[1:], flips[1:])):
-            self._finish(crop_resize(image, box, size_f, flip), focal_pipeline, out["query_focal"][i])
-            out["target_focal"][i] = position_targets(box, size_f, flip, ref_box, size_r, self.patch_size)
+            self._finish(crop_resize(image, box, size_f, flip), focal_pipeline, rng, out["query_focal"][i])
         if self.return_boxes:
             out["boxes"] = np.asarray([ref_box, *boxes], dtype=np.int64)  # [2 + n, 4] (y0, x0, h, w)
             out["flips"] = np.asarray([False, *flips], dtype=bool)  # [2 + n]
