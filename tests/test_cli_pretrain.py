@@ -1,0 +1,58 @@
+"""`loca fit` for pretraining: the released recipe prints as configured, and the demo config trains and checkpoints."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_print_config_shows_the_released_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "pretrain.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data = config["model"], config["data"]
+    assert model["class_path"] == "loca_lightning.LOCAPretrainModule"
+    recipe = model["init_args"]
+    assert recipe["backbone"] == "vit_base_patch16"
+    assert recipe["base_lr"] == pytest.approx(1e-3) and recipe["lr_reference_batch"] == 1024
+    assert recipe["weight_decay"] == pytest.approx(0.1) and recipe["warmup_epochs"] == 15
+    assert recipe["reference_keep_ratio"] == pytest.approx(0.2)
+    assert round(recipe["query_keep_ratio"] * 196) == 70
+    assert recipe["num_prototypes"] == 4096 and recipe["momentum_base"] == pytest.approx(0.996)
+    assert recipe["optimizer"]["class_path"] == "torch.optim.AdamW"
+    views = data["init_args"]["views"]
+    assert (views["reference_size"], views["focal_size"], views["num_focal"]) == (224, 96, 9)
+    assert config["trainer"]["max_epochs"] == 100 and config["trainer"]["gradient_clip_val"] == 1.0
+    # The global batch of the recipe: 8 devices x 128.
+    assert config["trainer"]["devices"] * data["init_args"]["batch_size"] == 1024
+
+
+def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
+    main([
+        "fit", "--config", str(CONFIGS / "demo" / "pretrain.yaml"),
+        "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.synthetic_length=8", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        "--data.init_args.views.num_focal=2",
+    ])  # fmt: skip
+    checkpoints = sorted(tmp_path.glob("pretrain/version_*/checkpoints/last.ckpt"))
+    assert len(checkpoints) == 1
+    checkpoint = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2  # 8 scenes / batch 4, one epoch
+    assert checkpoint["hyper_parameters"]["backbone"] == "vit_pico_patch8"
+    # The teacher's backbone is what finetuning starts from: it must load strictly into a fresh ViT.
+    backbone = build_backbone("vit_pico_patch8", img_size=64)
+    report = load_backbone_weights(backbone, str(checkpoints[0]), which="teacher")
+    assert report == {"missing": [], "unexpected": [], "mismatched": []}
+    teacher = {k[len("teacher.backbone."):]: v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("teacher.backbone.")}
+    torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
+    events = list(tmp_path.glob("pretrain/version_*/events.out.tfevents.*"))
+    assert events, "TensorBoard logs missing"

@@ -1,0 +1,66 @@
+"""The demo pipeline end to end with a minuscule budget: pretrain -> two finetunes -> table, figure, results."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loca_lightning import demo
+
+PRETRAIN = ["--model.init_args.backbone=vit_test_patch8", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_length=8", "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0", "--data.init_args.views.num_focal=1"]
+FINETUNE = ["--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_length=8",
+            "--data.init_args.synthetic_val_length=2", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demo_pipeline_smoke(tmp_path, capsys):
+    results = demo.run_demo(tmp_path, seed=0, pretrain_extra=PRETRAIN, finetune_extra=FINETUNE,
+                            num_figure_images=2, location_images=8)
+    printed = capsys.readouterr().out
+    assert "| LOCA |" in printed and "| random init |" in printed and "location accuracy" in printed
+
+    # Fair comparison: same steps, and the finetuning hyperparameters differ in the initial weights only.
+    fine = results["finetune"]
+    assert set(fine) == {"loca", "random"}
+    assert fine["loca"]["steps"] == fine["random"]["steps"] == 2
+    assert results["finetune_hparams_differ"] == ["pretrained"]
+    for metrics in fine.values():
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("mIoU", "mAcc", "aAcc"))
+
+    pre = results["pretrain"]
+    assert pre["steps"] == 2 and pre["backbone"] == "vit_test_patch8"
+    assert pre["chance"] == pytest.approx(1 / 64)  # 64-pixel reference, 8-pixel patches
+    assert 0.0 <= pre["location_accuracy_heldout"] <= 1.0
+    assert (tmp_path / "pretrain_loca").is_dir() and pre["checkpoint"].endswith("last.ckpt")
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["finetune"] == fine
+    assert (tmp_path / "results.md").read_text().startswith("| init | mIoU")
+    figure = np.asarray(Image.open(tmp_path / "demo.png"))
+    assert figure.ndim == 3 and min(figure.shape[:2]) > 200
+    for name in ("finetune_loca", "finetune_random"):
+        assert list((tmp_path / name).glob("version_*/events.out.tfevents.*")), f"no TensorBoard logs for {name}"
+
+
+def test_overrides_are_checked():
+    assert demo._overrides(["trainer.max_steps=3"]) == ["--trainer.max_steps=3"]
+    with pytest.raises(ValueError, match="key=value"):
+        demo._overrides(["trainer.max_steps"])
+
+
+def test_experiment_table_mean_and_spread():
+    rows = [
+        {"kind": "finetune", "seed": s, "init": init, "label_fraction": f, "mIoU": v}
+        for s, (a, b) in enumerate([(0.5, 0.3), (0.7, 0.5)])
+        for init, f, v in (("loca", 1.0, a), ("loca", 0.1, b), ("random", 1.0, a - 0.2), ("random", 0.1, b - 0.2))
+    ] + [{"kind": "pretrain", "seed": s, "variant": "loca", "location_accuracy_heldout": 0.4} for s in (0, 1)]
+    table = demo.format_experiment_table(rows, (1.0, 0.1))
+    lines = table.splitlines()
+    assert lines[0].startswith("| init | mIoU, 100% labels | mIoU, 10% labels |")
+    # mean 60.0, sample std of (50, 70) = 14.1
+    assert lines[2] == "| LOCA | 60.0 ± 14.1 | 40.0 ± 14.1 | 40.0 ± 0.0 | 2 |"
+    assert lines[3] == "| random init | 40.0 ± 14.1 | 20.0 ± 14.1 | - | 2 |"

@@ -1,0 +1,59 @@
+"""LOCA learns: a short CPU fit on synthetic scenes lifts location accuracy far above chance on new views."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from loca_lightning.data.pretrain import LOCAPretrainDataModule
+from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.pretrain.module import LOCAPretrainModule
+
+IMAGE, REFERENCE, PATCH, SCENES = 48, 32, 8, 32  # 4x4 = 16 reference positions: chance is 1/16
+
+
+def location_accuracy(model: LOCAPretrainModule, views, scenes: SyntheticScenes) -> float:
+    """Accuracy of the location head on fresh random views (a draw never used in training) of ``scenes``."""
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same masks for the model before and after training
+            items = [views(scenes[i]["image"], np.random.default_rng((7, i))) for i in range(len(scenes))]
+            batch = {k: torch.from_numpy(np.stack([item[k] for item in items])) for k in items[0]}
+            keep = model.select_reference_keep(len(items))
+            keys, _ = model.encode_reference(model.normalize(batch["reference"]), keep)
+            large_keep = model.select_query_keep(len(items), batch["target_large"].shape[1])
+            tokens = model.encode_queries(model.normalize(batch["query_large"]), model.normalize(batch["query_focal"]),
+                                          large_keep)
+            target = torch.cat([torch.gather(batch["target_large"], 1, large_keep), batch["target_focal"].flatten(1)], 1)
+            logits = model.student.location_head(tokens, keys)  # [B, Q, 16]
+            labelled = target >= 0
+            return float(((logits.argmax(-1) == target) & labelled).sum() / labelled.sum())
+    finally:
+        model.train()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_short_fit_raises_location_accuracy_far_above_chance():
+    torch.set_num_threads(1)  # tiny model: one thread is faster and immune to a busy second core
+    L.seed_everything(0)
+    views = dict(reference_size=REFERENCE, query_size=REFERENCE, focal_size=REFERENCE // 2, num_focal=2,
+                 patch_size=PATCH, photometric=False)
+    data = LOCAPretrainDataModule(source="synthetic", synthetic_length=SCENES, synthetic_image_size=IMAGE,
+                                  views=views, batch_size=16, num_workers=0, pin_memory=False)
+    model = LOCAPretrainModule(
+        backbone="vit_test_patch8", backbone_kwargs=dict(img_size=REFERENCE), reference_size=REFERENCE,
+        num_prototypes=32, projection_hidden_dim=64, projection_dim=16, drop_path_rate=0.0, momentum_base=0.99,
+        base_lr=2e-3, lr_reference_batch=16, warmup_epochs=0.1, weight_decay=0.05,
+    )  # fmt: skip
+    data.setup()
+    scenes = SyntheticScenes(length=SCENES, image_size=IMAGE, seed=0, with_masks=False)  # the training scenes
+    chance = 1.0 / model.num_positions
+    before = location_accuracy(model, data.views, scenes)
+    trainer = L.Trainer(accelerator="cpu", max_steps=300, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    trainer.fit(model, data)
+    after = location_accuracy(model, data.views, scenes)
+    # Untrained: about chance. Trained for 300 steps: measured 0.17 (2.7x chance) on crops never seen in training.
+    assert before < 1.5 * chance, (before, chance)
+    assert after > 2 * chance, (before, after, chance)
