@@ -1,0 +1,97 @@
+"""The benchmark scripts at tiny sizes, so that they cannot rot; and the analytic FLOP count against torch's counter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import gpu  # noqa: E402
+import pipeline  # noqa: E402
+import run  # noqa: E402
+
+GEOMETRY = dict(reference_size=64, query_size=64, focal_size=32, num_focal=2)
+HEADS = dict(num_prototypes=32, projection_hidden_dim=64, projection_dim=16)
+VIEWS = dict(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log")  # the step runs without a Trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine run faster (and steadier) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("apply_cluster_loss", [True, False])
+def test_analytic_step_flops_equal_torch_flop_counter(apply_cluster_loss):
+    torch.manual_seed(0)
+    module = common.build_module("vit_test_patch16", apply_cluster_loss=apply_cluster_loss, reference_size=64, **HEADS)
+    batch = common.synthetic_batch(2, torch.device("cpu"), **GEOMETRY)
+    step = common.TrainStep(module, batch)
+    # the math kernel decomposes attention into matmuls, which the counter sees (it skips CPU flash attention)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        step(0)
+    analytic = common.loca_step_flops(module, batch)
+    # the math kernel's backward of the location head's attention recomputes one small matmul (< 0.5%)
+    assert analytic["total"] == pytest.approx(counter.get_total_flops(), rel=5e-3)
+    assert analytic["total"] == sum(v for k, v in analytic.items() if k != "total")
+
+
+def test_train_step_updates_student_and_teacher():
+    module = common.build_module("vit_test_patch16", reference_size=64, **HEADS)
+    batch = common.synthetic_batch(2, torch.device("cpu"), **GEOMETRY)
+    student = [p.detach().clone() for p in module.student.parameters()]
+    teacher = [p.detach().clone() for p in module.teacher.parameters()]
+    loss = common.TrainStep(module, batch, lr=1e-2)(0)
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(a, b) for a, b in zip(student, module.student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(teacher, module.teacher.parameters()))
+
+
+def test_cpu_benchmark_parts_at_tiny_sizes(tmp_path):
+    results = {
+        "data": pipeline.bench_data(
+            images=4, batch_size=2, repeats=1, workers=1, epochs=1, views=VIEWS, image_size=(48, 64)
+        ),
+        "step": [
+            run.bench_step(
+                "vit_test_patch16", batch_size=2, warmup=1, repeats=1, geometry=GEOMETRY, matmul_n=64, **HEADS
+            )
+        ],
+        "segmentation": run.bench_segmentation(
+            "vit_test_patch16", height=40, width=72, window=32, stride=32, num_classes=3, repeats=1
+        ),
+    }
+    for part in ("data", "segmentation"):
+        results[part]["peak_rss_mb"] = 1.0
+    results["step"][0]["peak_rss_mb"] = 1.0
+    assert results["data"]["one_worker"]["samples_per_s"] > 0
+    assert results["data"]["loader"]["samples_per_s"] > 0
+    step = results["step"][0]
+    assert step["images_per_s"] > 0 and 0 < step["mfu"] and step["gflop_per_image"] > 0
+    assert results["segmentation"]["images_per_s"] > 0
+    table = run.format_table(results)
+    assert table.count("\n| data |") == 2 and "| step | vit_test_patch16" in table and "| segmentation |" in table
+    json.dumps(results)  # the JSON file takes exactly this
+
+
+def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(
+        ["--device", "cpu", "--tiny", "--no-compile", "--no-data", "--warmup", "1", "--steps", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["eager"]["images_per_s"] > 0 and result["eager"]["mfu"] > 0
+    assert result["matmul_tflop_per_s"] > 0 and "LOCA vit_test_patch16 step" in result["table"]
