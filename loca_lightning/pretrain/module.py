@@ -464,6 +464,20 @@ class LOCAPretrainModule(L.LightningModule):
             return float(self.total_steps) / max(1, trainer.max_epochs or 1)
         return math.ceil(batches / trainer.accumulate_grad_batches)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm; under classic FSDP through the root module, whose norm spans all shards (Lightning's
+        FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step()
 
