@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _fake_loca import FakeLOCADataModule
 from PIL import Image
 
 from loca_lightning.data.images import read_image
@@ -24,8 +25,6 @@ from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
-
-from _fake_loca import FakeLOCADataModule
 
 VIEWS = dict(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8)
 SHAPE = (24, 40)  # H, W

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _fake_loca import FakeLOCADataModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,8 +21,6 @@ from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 from loca_lightning.visualize import blend, colorize, patch_labels, to_uint8_image
-
-from _fake_loca import FakeLOCADataModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)

@@ -6,12 +6,11 @@ import lightning as L
 import pytest
 import timm
 import torch
+from _fake_loca import FakeLOCADataModule
 
 from loca_lightning.cli import main
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
-
-from _fake_loca import FakeLOCADataModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)

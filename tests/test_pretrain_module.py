@@ -5,11 +5,10 @@ import math
 import lightning as L
 import pytest
 import torch
+from _fake_loca import FakeLOCADataModule
 
 from loca_lightning.optim import ema_momentum
 from loca_lightning.pretrain.module import LOCAPretrainModule, band_keep_index, random_keep_index
-
-from _fake_loca import FakeLOCADataModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
@@ -47,14 +46,16 @@ def test_constructor_validates_keys():
 
 def test_teacher_is_ema_of_student_and_gets_no_gradients():
     torch.manual_seed(0)
-    model = LOCAPretrainModule(**TINY)
+    # A large lr and a low momentum make the EMA step visible far above float tolerance.
+    model = LOCAPretrainModule(**{**TINY, "momentum_base": 0.5, "base_lr": 10.0, "warmup_epochs": 0})
     assert all(not p.requires_grad for p in model.teacher.parameters())
     seen = {}
 
     class Probe(L.Callback):
         def on_before_optimizer_step(self, trainer, module, optimizer):
-            seen["teacher_grads"] = [p.grad for p in module.teacher.parameters()]
-            seen["teacher_before"] = [p.detach().clone() for p in module.teacher.parameters()]
+            if trainer.global_step == 0:
+                seen["teacher_grads"] = [p.grad for p in module.teacher.parameters()]
+                seen["teacher_before"] = [p.detach().clone() for p in module.teacher.parameters()]
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if batch_idx == 0:
@@ -63,11 +64,15 @@ def test_teacher_is_ema_of_student_and_gets_no_gradients():
                                          list(module.student.backbone.parameters())
                                          + list(module.student.projection.parameters())]
 
-    _trainer(max_steps=1, callbacks=[Probe()]).fit(model, FakeLOCADataModule())
+    _trainer(max_steps=2, callbacks=[Probe()]).fit(model, FakeLOCADataModule())
     assert all(g is None for g in seen["teacher_grads"])
-    m = ema_momentum(0, model.total_steps)
+    m = ema_momentum(0, model.total_steps, base=0.5)
+    assert m == 0.5
+    moved = 0.0
     for before, after, student in zip(seen["teacher_before"], seen["teacher_after"], seen["student_after"]):
-        torch.testing.assert_close(after, m * before + (1 - m) * student)
+        torch.testing.assert_close(after, m * before + (1 - m) * student, rtol=0, atol=1e-6)
+        moved = max(moved, float((after - before).abs().max()))
+    assert moved > 1e-3  # the update really happened
 
 
 def test_momentum_schedule_first_middle_last():
