@@ -33,9 +33,12 @@ from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 def strategy_from_config() -> FSDPStrategy:
     """The FSDPStrategy that configs/pretrain_fsdp.yaml describes (policies resolved to classes)."""
     config = yaml.safe_load((ROOT / "configs" / "pretrain_fsdp.yaml").read_text())["trainer"]["strategy"]["init_args"]
-    names = {"timm.models.vision_transformer.Block": Block, "loca_lightning.backbones.vit.ViT": ViT,
-             "loca_lightning.pretrain.heads.LocationHead": LocationHead,
-             "loca_lightning.pretrain.heads.ProjectionHead": ProjectionHead}
+    names = {
+        "timm.models.vision_transformer.Block": Block,
+        "loca_lightning.backbones.vit.ViT": ViT,
+        "loca_lightning.pretrain.heads.LocationHead": LocationHead,
+        "loca_lightning.pretrain.heads.ProjectionHead": ProjectionHead,
+    }
     return FSDPStrategy(
         sharding_strategy=config["sharding_strategy"],
         auto_wrap_policy={names[n] for n in config["auto_wrap_policy"]},
@@ -60,15 +63,27 @@ class Timer(L.Callback):
 def run(out: Path, steps: int, ckpt: str | None, batch: int) -> LOCAPretrainModule:
     model = LOCAPretrainModule(backbone="vit_small_patch16", warmup_epochs=0.1)
     timer = Timer()
-    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy_from_config(), precision="bf16-mixed",
-                        max_steps=steps, gradient_clip_val=1.0, gradient_clip_algorithm="norm", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-                        callbacks=[timer, L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_last=True)])
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy_from_config(),
+        precision="bf16-mixed",
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="norm",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=[timer, L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_last=True)],
+    )
     data = FakeLOCADataModule(batch_size=batch, length=batch * 8, size=224, focal=96, num_focal=9)
     trainer.fit(model, data, ckpt_path=ckpt)
     times = sorted(timer.times[2:]) or timer.times
-    print(f"steps {trainer.global_step}, median step {times[len(times) // 2] * 1e3:.1f} ms at batch {batch}, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, loss {float(trainer.callback_metrics['loss']):.4f}")
+    print(
+        f"steps {trainer.global_step}, median step {times[len(times) // 2] * 1e3:.1f} ms at batch {batch}, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, loss {float(trainer.callback_metrics['loss']):.4f}"
+    )
     return model
 
 
@@ -80,8 +95,10 @@ def main() -> None:
     out = Path(args.out)
     run(out, 6, None, args.batch)
     model = run(out, 10, str(out / "last.ckpt"), args.batch)
-    print("resumed from the sharded last.ckpt and trained to step 10; teacher finite:",
-          all(torch.isfinite(p).all() for p in model.teacher.parameters()))
+    print(
+        "resumed from the sharded last.ckpt and trained to step 10; teacher finite:",
+        all(torch.isfinite(p).all() for p in model.teacher.parameters()),
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 eager and with torch.compile (of the transformer blocks); and the data pipeline's samples/s on this machine's CPU.
 
     python benchmarks/gpu.py                              # one CUDA GPU, < 5 minutes; JSON to bench_results/gpu.json
+    python benchmarks/gpu.py --profile                    # also: top kernels and matmul/attention/other shares
     python benchmarks/gpu.py --device cpu --tiny          # smoke run without a GPU (tiny model, seconds)
 
 Run from the repository root. Needs torch (with CUDA), numpy, timm and lightning (LOCAPretrainModule is a
@@ -71,8 +72,60 @@ def _allow_recompiles(limit: int = 64) -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
 
 
-def bench_step(device: torch.device, cfg: dict, compile: bool, warmup: int, steps: int, matmul_flops: float) -> dict:
-    """Images/s of ``steps`` back-to-back steps (one sync at the end), MFU, peak memory; compile time if compiled."""
+_CATEGORIES = (  # kernel-name fragments (lower case) -> category; first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm")),
+)
+
+
+def profile_steps(step: TrainStep, device: torch.device, first: int, count: int = 2, rows: int = 25) -> dict:
+    """Where the step's device time goes: top kernels and matmul / attention / other shares (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(count):
+            step(first + i)
+        sync(device)
+
+    def self_time(event: Any) -> float:  # microseconds on the device (or the CPU without one)
+        if device.type == "cuda":
+            return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+        return float(event.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    total = sum(self_time(e) for e in events) or 1.0
+    shares: dict[str, float] = {}
+    for event in events:
+        name = event.key.lower()
+        category = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other")
+        shares[category] = shares.get(category, 0.0) + self_time(event) / total
+    top = sorted(events, key=self_time, reverse=True)[:rows]
+    return {
+        "device_ms_per_step": total / 1e3 / count,
+        "shares": {k: round(v, 4) for k, v in sorted(shares.items())},
+        "top": [
+            {
+                "name": e.key[:120],
+                "calls_per_step": e.count / count,
+                "ms_per_step": round(self_time(e) / 1e3 / count, 3),
+            }
+            for e in top
+        ],
+    }
+
+
+def bench_step(
+    device: torch.device,
+    cfg: dict,
+    compile: bool,
+    warmup: int,
+    steps: int,
+    matmul_flops: float,
+    profile: bool = False,
+) -> dict:
+    """Images/s of ``steps`` back-to-back steps (one sync at the end), MFU, peak memory; compile time if compiled;
+    with ``profile``, where the device time of two more steps goes."""
     _memory_reset(device)
     if compile:
         _allow_recompiles()
@@ -124,6 +177,8 @@ def bench_step(device: torch.device, cfg: dict, compile: bool, warmup: int, step
         "peak_memory_gb": peak,
         "peak_memory_per_image_mb": None if peak is None else peak * 1024 / b,
     }
+    if profile:
+        out["profile"] = profile_steps(step, device, first=warmup + 3 + steps)
     if compile:  # 3 expected: student large query, student focal queries (dynamic), teacher (no grad)
         from torch._dynamo.utils import counters
 
@@ -184,6 +239,14 @@ def format_table(result: dict) -> str:
             f"{step['achieved_tflop_per_s']:.4g} TFLOP/s, MFU {step['mfu']:.3f}, outside backbone "
             f"{100 * step['outside_backbone_share']:.0f}%, peak {mem}, warmup {step['warmup_s']:.0f} s |"
         )
+    for key in ("eager", "compiled"):
+        prof = (result.get(key) or {}).get("profile")
+        if prof:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["shares"].items())
+            top = "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.1f} ms" for t in prof["top"][:5])
+            rows.append(
+                f"| profile, {key} | {prof['device_ms_per_step']:.1f} ms/step on the device: {shares}. Top: {top} |"
+            )
     data = result.get("data")
     if data and "skipped" in data:
         rows.append(f"| data pipeline | skipped: {data['skipped']} |")
@@ -215,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     parser.add_argument("--no-data", action="store_true", help="skip the data pipeline measurement")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all CPU cores)")
+    parser.add_argument("--profile", action="store_true", help="also profile two steps: top kernels, time shares")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -258,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             else:
                 compiled = part == "compiled"
-                result[part] = bench_step(device, cfg, compiled, warmup + (3 if compiled else 0), steps, matmul)
+                result[part] = bench_step(
+                    device, cfg, compiled, warmup + (3 if compiled else 0), steps, matmul, profile=args.profile
+                )
                 print(f"{part}: {result[part]['images_per_s']:.1f} images/s, MFU {result[part]['mfu']:.3f}", flush=True)
         except Exception:  # keep what was measured: an OOM or a compile failure must not lose the other numbers
             result[part] = {"error": traceback.format_exc()}

@@ -15,6 +15,7 @@ random init; mean and standard deviation in ``results.md`` and every number in `
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -368,6 +369,7 @@ def run_experiment(
                 rows.append(row)
                 save()
                 del cli
+                gc.collect()  # let the finished run's persistent DataLoader workers go
             checkpoints[variant] = row["checkpoint"]
             backbone = row["backbone"]
         for fraction in fractions:
@@ -383,6 +385,7 @@ def run_experiment(
                              "steps": int(cli.trainer.global_step), **metrics})  # fmt: skip
                 save()
                 del cli
+                gc.collect()
                 _log(f"seed {seed}, {INIT_NAMES[init]}, {100 * fraction:g}% labels: mIoU {100 * metrics['mIoU']:.1f}", start)
     save()
     print("\n" + (out / "results.md").read_text(), flush=True)

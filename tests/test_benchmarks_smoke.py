@@ -90,8 +90,11 @@ def test_cpu_benchmark_parts_at_tiny_sizes(tmp_path):
 def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     out = tmp_path / "gpu.json"
     gpu.main(
-        ["--device", "cpu", "--tiny", "--no-compile", "--no-data", "--warmup", "1", "--steps", "1", "--out", str(out)]
+        ["--device", "cpu", "--tiny", "--no-compile", "--no-data", "--warmup", "1", "--steps", "1", "--profile"]
+        + ["--out", str(out)]
     )
     result = json.loads(out.read_text())
     assert result["eager"]["images_per_s"] > 0 and result["eager"]["mfu"] > 0
     assert result["matmul_tflop_per_s"] > 0 and "LOCA vit_test_patch16 step" in result["table"]
+    shares = result["eager"]["profile"]["shares"]
+    assert shares["matmul"] > 0 and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)

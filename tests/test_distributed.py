@@ -24,6 +24,21 @@ def _run(script: str, *args: str, timeout: int = 240) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def assert_states_close(actual: dict, expected: dict, atol: float) -> None:
+    for key, value in expected.items():
+        other = actual[key]
+        if key.endswith("location_head.attn.kv.bias"):
+            # The key bias adds one constant to all of a query's attention logits: its gradient is exactly zero in
+            # exact arithmetic, so what AdamW applies is rounding noise normalised to +-lr, which differs between
+            # reduction orders. Compare the value half as everything else; the key half can drift by up to lr per step
+            # (peak lr 1e-3, at most 4 steps here).
+            half = value.numel() // 2
+            torch.testing.assert_close(other[half:], value[half:], rtol=1e-4, atol=atol, msg=key)
+            torch.testing.assert_close(other[:half], value[:half], rtol=0, atol=4e-3, msg=key)
+        else:
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=atol, msg=key)
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
     # An unshuffled DistributedSampler: rank r takes samples r, r+2, ...; a global batch of 4 is the same 4 samples as
@@ -33,8 +48,7 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: 
     single = torch.load(tmp_path / "single.pt")
     ddp = torch.load(tmp_path / "ddp.pt")
     assert single["world_size"] == 1 and ddp["world_size"] == 2
-    for key, value in single["state_dict"].items():
-        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert_states_close(ddp["state_dict"], single["state_dict"], atol=1e-6)
     # the comparison has teeth: training moved the weights by far more than the tolerance
     step = max((v.float() - single["initial"][k].float()).abs().max().item() for k, v in single["state_dict"].items())
     assert step > 1e-4
@@ -49,8 +63,7 @@ def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> N
     once, resumed = torch.load(tmp_path / "once.pt"), torch.load(tmp_path / "resumed.pt")
     assert once["param_type"] == "DTensor" and once["global_step"] == resumed["global_step"] == 4
     assert (tmp_path / "resumed" / "last.ckpt").is_dir()
-    for key, value in once["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_states_close(resumed["state_dict"], once["state_dict"], atol=1e-5)
     initial = once["initial"]
     for prefix in ("student.", "teacher."):  # both moved: the EMA update works on the sharded parameters
         moved = max((v - initial[k]).abs().max().item() for k, v in once["state_dict"].items() if k.startswith(prefix))

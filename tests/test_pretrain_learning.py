@@ -57,3 +57,20 @@ def test_short_fit_raises_location_accuracy_far_above_chance():
     # Untrained: about chance. Trained for 300 steps: measured 0.17 (2.7x chance) on crops never seen in training.
     assert before < 1.5 * chance, (before, chance)
     assert after > 2 * chance, (before, after, chance)
+
+
+def test_release_initialisation_scales():
+    """The released (flax) initialisation: positional table std 1/sqrt(D), Xavier/LeCun head kernels; teacher = student."""
+    tiny = dict(backbone="vit_pico_patch8", backbone_kwargs=dict(img_size=64), reference_size=64, num_prototypes=32,
+                projection_hidden_dim=64, projection_dim=16)
+    model, dim = LOCAPretrainModule(**tiny), 96
+    assert model.student.backbone.pos_embed.std().item() == pytest.approx(dim**-0.5, rel=0.1)
+    kv = model.student.location_head.attn.kv.weight  # two [D, D] Xavier-uniform kernels: bound sqrt(6 / 2D)
+    assert kv.abs().max().item() <= (6 / (2 * dim)) ** 0.5
+    assert kv.std().item() == pytest.approx(dim**-0.5, rel=0.1)
+    assert model.student.location_head.position_predictor.weight.std().item() == pytest.approx(dim**-0.5, rel=0.15)
+    torch.testing.assert_close(model.teacher.backbone.pos_embed, model.student.backbone.pos_embed)
+    timm = LOCAPretrainModule(**tiny, init="timm")
+    assert timm.student.backbone.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="init must be"):
+        LOCAPretrainModule(**{**tiny, "init": "xavier"})
