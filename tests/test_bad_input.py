@@ -84,6 +84,24 @@ def test_pretraining_batch_of_the_wrong_size_names_the_keys_to_change() -> None:
         trainer.fit(model, FakeLOCADataModule(size=64))
 
 
+class _OutOfRangeTargets(FakeLOCADataModule):
+    def train_dataloader(self):
+        for batch in super().train_dataloader():
+            batch["target_focal"][0, 0, 0] = 99  # a 2x2 reference grid has cells 0-3
+            yield batch
+
+
+def test_pretraining_targets_out_of_range_name_the_key_on_the_first_batch() -> None:
+    # Ranges are checked once, on the first batch (the losses skip their per-step check, a host sync).
+    model = LOCAPretrainModule(backbone="vit_test_patch16", reference_size=32, num_prototypes=16,
+                               projection_hidden_dim=32, projection_dim=8)
+    assert model.check_target_ranges is False
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=1)
+    with pytest.raises(ValueError, match=r"batch\['target_focal'\] holds values outside -1.*\[0, 3\].*max 99"):
+        trainer.fit(model, _OutOfRangeTargets(size=32, focal=16))
+
+
 def test_pretraining_views_not_divisible_by_the_patch_size() -> None:
     with pytest.raises(ValueError, match="reference_size"):
         LOCAPretrainDataModule(views={**VIEWS, "reference_size": 30})

@@ -69,6 +69,14 @@ def test_release_initialisation_scales():
     assert kv.abs().max().item() <= (6 / (2 * dim)) ** 0.5
     assert kv.std().item() == pytest.approx(dim**-0.5, rel=0.1)
     assert model.student.location_head.position_predictor.weight.std().item() == pytest.approx(dim**-0.5, rel=0.15)
+    backbone = model.student.backbone  # encoder blocks too: Xavier q, k, v (each [D, D]) and MLP, LeCun patch kernel
+    for chunk in backbone.blocks[0].attn.qkv.weight.chunk(3):
+        assert chunk.std().item() == pytest.approx(dim**-0.5, rel=0.1)
+    fc1 = backbone.blocks[-1].mlp.fc1.weight  # [4D, D]: Xavier std sqrt(2 / 5D)
+    assert fc1.std().item() == pytest.approx((2 / (5 * dim)) ** 0.5, rel=0.1)
+    patch = backbone.patch_embed.proj.weight  # [D, 3, 8, 8]: fan-in 192
+    assert patch.std().item() == pytest.approx(192**-0.5, rel=0.1)
+    assert backbone.blocks[0].attn.qkv.bias.abs().max().item() == 0.0
     torch.testing.assert_close(model.teacher.backbone.pos_embed, model.student.backbone.pos_embed)
     timm = LOCAPretrainModule(**tiny, init="timm")
     assert timm.student.backbone.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)

@@ -302,3 +302,17 @@ def test_native_size_evaluation_keeps_labels(mode: str) -> None:
     for key, value in probe.sums.items():
         assert torch.equal(value, getattr(expected, key)), key
     assert np.prod(items[0]["mask"].shape) == 50 * 70
+
+
+def test_random_init_choices() -> None:
+    # "release" = the distribution LOCA pretraining starts from (Xavier q/k/v kernels, std 1/sqrt(D) positions),
+    # so that "pretrained vs random" compares a trained network with its own starting point.
+    kwargs = dict(num_classes=3, backbone="vit_pico_patch16", image_size=64, window=64, stride=64)
+    release = SegmentationFinetuneModule(**kwargs, init="release").backbone
+    timm = SegmentationFinetuneModule(**kwargs).backbone
+    dim = 96
+    assert release.blocks[0].attn.qkv.weight[:dim].std().item() == pytest.approx(dim**-0.5, rel=0.1)
+    assert release.pos_embed.std().item() == pytest.approx(dim**-0.5, rel=0.1)
+    assert timm.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="init must be 'timm' or 'release'"):
+        SegmentationFinetuneModule(**kwargs, init="xavier")

@@ -60,13 +60,16 @@ def _global_sum_no_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) 
     return out
 
 
-def _check_targets(target: Tensor, batch_shape: tuple[int, ...], num_classes: int, name: str) -> None:
-    """Shape, dtype and range check of integer targets (-1 = no label); the range check syncs with the device."""
+def _check_targets(
+    target: Tensor, batch_shape: tuple[int, ...], num_classes: int, name: str, check_range: bool = True
+) -> None:
+    """Shape, dtype and (with ``check_range``) range check of integer targets (-1 = no label); the range check
+    reads a value back from the device, i.e. waits for all queued work (a host sync)."""
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"{name} must be an integer tensor, got dtype {target.dtype}")
     if tuple(target.shape) != tuple(batch_shape):
         raise ValueError(f"{name} must have shape {tuple(batch_shape)} (the logits' [B, Q]), got {tuple(target.shape)}")
-    if target.numel() and bool(((target < -1) | (target >= num_classes)).any()):
+    if check_range and target.numel() and bool(((target < -1) | (target >= num_classes)).any()):
         raise ValueError(
             f"{name} values must be -1 (no label) or in [0, {num_classes - 1}], got "
             f"min {int(target.min())}, max {int(target.max())}"
@@ -78,12 +81,15 @@ def _check_temperature(temperature: float, name: str = "temperature") -> None:
         raise ValueError(f"{name} must be positive, got {temperature}")
 
 
-def location_loss(logits: Tensor, target: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
+def location_loss(
+    logits: Tensor, target: Tensor, group: dist.ProcessGroup | None = None, check_range: bool = True
+) -> tuple[Tensor, Tensor]:
     """Softmax cross-entropy of position ``logits [B, Q, R]`` against ``target [B, Q]`` (-1 = no label), averaged
-    over the valid tokens of the global batch. Returns ``(loss, accuracy)``; accuracy is detached and global."""
+    over the valid tokens of the global batch. Returns ``(loss, accuracy)``; accuracy is detached and global.
+    ``check_range=False`` skips the target range check (a host sync) for callers that validated targets."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, Q, R], got shape {tuple(logits.shape)}")
-    _check_targets(target, logits.shape[:2], logits.shape[-1], "target")
+    _check_targets(target, logits.shape[:2], logits.shape[-1], "target", check_range)
     target = target.long()
     with torch.autocast(device_type=logits.device.type, enabled=False):
         valid = target != -1  # [B, Q]
@@ -132,12 +138,14 @@ def clustering_loss(
     target: Tensor,
     temperature: float = 0.1,
     group: dist.ProcessGroup | None = None,
+    check_range: bool = True,
 ) -> Tensor:
     """Cross-entropy between the teacher distribution of each query token's target reference cell (of its own
     image) and ``softmax(student_logits / temperature)``, averaged over the valid tokens of the global batch.
 
     Shapes: ``student_logits [B, Q, K]``, ``teacher_targets [B, R, K]`` (e.g. Sinkhorn output), ``target [B, Q]``
-    (-1 = no label). The teacher side gets no gradient.
+    (-1 = no label). The teacher side gets no gradient. ``check_range=False`` skips the target range check (a
+    host sync) for callers that validated targets.
     """
     if student_logits.dim() != 3 or teacher_targets.dim() != 3:
         raise ValueError(
@@ -150,7 +158,7 @@ def clustering_loss(
             f"teacher_targets must be [B={b}, R, K={k}] to match student_logits, got {tuple(teacher_targets.shape)}"
         )
     _check_temperature(temperature)
-    _check_targets(target, student_logits.shape[:2], teacher_targets.shape[1], "target")
+    _check_targets(target, student_logits.shape[:2], teacher_targets.shape[1], "target", check_range)
     target = target.long()
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         valid = target != -1  # [B, Q]

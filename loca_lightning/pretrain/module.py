@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone
-from loca_lightning.backbones.vit import ViT
+from loca_lightning.backbones.vit import ViT, release_init_vit_
 from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
@@ -68,16 +68,15 @@ def masked_accuracy(logits: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def release_init_(backbone: ViT, location_head: LocationHead, projection: ProjectionHead | None) -> None:
-    """Initialise, in place, what the released JAX code initialises differently from timm: the positional table
-    (normal, std 1/sqrt(D)), the location head (Xavier-uniform attention and MLP kernels, LeCun-normal position
-    predictor) and the projection MLP (LeCun normal).
+    """Initialise student backbone and heads, in place, as the released JAX code (scenic, flax) does.
 
-    timm's normal(0.02) everywhere is far smaller at small widths (0.1 vs 0.02 at D=96): with it, a width-96 ViT
-    stayed at the location prior for ~500 steps on a task (query crop = reference crop) that it solves in ~300
-    steps with this initialisation. The encoder blocks keep timm's initialisation.
+    Backbone: ``release_init_vit_`` (positional table std 1/sqrt(D), Xavier-uniform attention and MLP kernels,
+    LeCun-normal patch embedding). Location head: Xavier-uniform attention and MLP kernels, LeCun-normal position
+    predictor. Projection MLP: LeCun normal. timm's truncated normal(0.02) everywhere is 3-5x smaller at small
+    widths (Xavier std 0.10 at D=96).
     """
     dim = backbone.embed_dim
-    nn.init.normal_(backbone.pos_embed, std=dim**-0.5)
+    release_init_vit_(backbone)
     attn, mlp = location_head.attn, location_head.mlp
     for weight in (attn.q.weight, attn.kv.weight[:dim], attn.kv.weight[dim:], attn.proj.weight):
         nn.init.xavier_uniform_(weight)  # key and value are two [D, D] kernels packed in kv
@@ -129,6 +128,10 @@ class LOCAPretrainModule(L.LightningModule):
     Batches are dicts from :class:`~loca_lightning.data.pretrain.LOCAPretrainDataModule`: ``reference [B,3,R,R]``,
     ``query_large [B,3,S,S]``, ``query_focal [B,F,3,f,f]`` (uint8 or normalised float), ``target_large [B,Nl]``,
     ``target_focal [B,F,Nf]`` (int64, -1 = no label).
+
+    Initialisation: ``init="release"`` (default) initialises backbone and heads as the released flax code does
+    (:func:`release_init_`); ``"timm"`` keeps timm's truncated normal(0.02). Target ranges are checked on the
+    first batch; set ``check_target_ranges = True`` on the instance to check every step (one host sync per step).
     """
 
     def __init__(
@@ -200,6 +203,9 @@ class LOCAPretrainModule(L.LightningModule):
         self.normalize = Normalize()
         self.total_steps = 1
         self._checked_batch = False
+        # LOCAViews computes targets from box geometry, in range by construction: the losses skip their per-step range
+        # check (a host sync) after the first batch was checked here. Set True to check every step (custom data).
+        self.check_target_ranges = False
         self.last_step: dict[str, Any] = {}  # detached tensors of the latest training step, read by image callbacks
         self.register_buffer("skipped_images", torch.zeros((), dtype=torch.long), persistent=True)
         self._mask_generator: torch.Generator | None = None
@@ -309,12 +315,14 @@ class LOCAPretrainModule(L.LightningModule):
         """All loss terms and the location logits; ``loss`` is their weighted sum."""
         hp = self.hparams
         logits = self.student.location_head(query_tokens, reference_keys)  # [B, Q, R]
-        loc, acc = location_loss(logits, target)
+        loc, acc = location_loss(logits, target, check_range=self.check_target_ranges)
         out = {"location_logits": logits, "loss_location": loc, "acc_location": acc}
         loss = hp.location_weight * loc
         if reference_targets is not None:
             student_logits = self.student.projection(query_tokens)  # [B, Q, K] cosines
-            cluster = clustering_loss(student_logits, reference_targets, target, hp.student_temperature)
+            cluster = clustering_loss(
+                student_logits, reference_targets, target, hp.student_temperature, check_range=self.check_target_ranges
+            )
             me_max = me_max_loss(student_logits, hp.student_temperature)
             loss = loss + hp.cluster_weight * cluster + hp.me_max_weight * me_max
             out.update(
@@ -415,6 +423,14 @@ class LOCAPretrainModule(L.LightningModule):
                 f"data gives {size}px references but model.reference_size is {self.hparams.reference_size}: "
                 "make data.views.reference_size and model.reference_size equal"
             )
+        num = self.num_positions  # targets index reference cells; checked on the first batch only
+        for key in ("target_large", "target_focal"):
+            bad = (batch[key] < -1) | (batch[key] >= num)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"batch[{key!r}] holds values outside -1 (no label) and [0, {num - 1}] (the reference grid "
+                    f"{self.reference_grid}x{self.reference_grid}): min {int(batch[key].min())}, max {int(batch[key].max())}"
+                )
         self._checked_batch = True
 
     # ------------------------------------------------------------------ teacher

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
@@ -33,6 +34,10 @@ class SegmentationFinetuneModule(L.LightningModule):
 
     Batches: ``image`` uint8 ``[B,3,H,W]`` (normalised here, on the device) and ``mask`` int64 ``[B,H,W]``
     (255 = ignore). Evaluation batches may carry ``sizes`` ``[B,2]`` when images were padded to batch them.
+
+    Without ``pretrained``, ``init`` picks the random initialisation: ``"timm"`` (truncated normal 0.02) or
+    ``"release"`` (LOCA's own starting point, as in :class:`~loca_lightning.LOCAPretrainModule`), so that a
+    "pretrained vs random" comparison can start both from the same distribution.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         pretrained: str | None = None,
         pretrained_weights: Literal["teacher", "student"] = "teacher",
         trust_checkpoint: bool = False,
+        init: Literal["timm", "release"] = "timm",
         freeze_backbone: bool = False,
         decoder: str | nn.Module = "linear",
         decoder_kwargs: dict[str, Any] | None = None,
@@ -72,6 +78,10 @@ class SegmentationFinetuneModule(L.LightningModule):
         self.backbone = build_backbone(
             backbone, img_size=image_size, drop_path_rate=drop_path_rate, **(backbone_kwargs or {})
         )
+        if init == "release":  # the initialisation LOCA pretraining starts from (a fair "random init" baseline)
+            release_init_vit_(self.backbone)
+        elif init != "timm":
+            raise ValueError(f"init must be 'timm' or 'release', got {init!r}")
         patch = self.backbone.patch_size
         for key, value in (("image_size", image_size), ("window", window)):
             if value % patch:
