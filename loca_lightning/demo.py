@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loca_lightning.cli import LOCACLI
+from loca_lightning.cli import LOCACLI, tune_malloc
 from loca_lightning.data.synthetic import SyntheticScenes, colorize_mask
 from loca_lightning.pretrain.module import LOCAPretrainModule
 
@@ -415,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The DataLoader worker needs a core of its own: PyTorch's threads spin-wait on each other when a core is taken,
     # which made training steps several times slower on a busy 2-core machine.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    tune_malloc()
     pre, fine = _overrides(args.pretrain), _overrides(args.finetune)
     if args.experiment:
         run_experiment(args.out or "runs/experiment", args.seeds, pre, fine, args.config_dir)

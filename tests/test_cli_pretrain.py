@@ -56,3 +56,16 @@ def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
     events = list(tmp_path.glob("pretrain/version_*/events.out.tfevents.*"))
     assert events, "TensorBoard logs missing"
+
+
+def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
+    import loca_lightning.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.delenv("LOCA_KEEP_FREED_MEMORY", raising=False)
+    cli.tune_malloc()
+    assert calls == [1]
+    monkeypatch.setenv("LOCA_KEEP_FREED_MEMORY", "0")
+    cli.tune_malloc()
+    assert calls == [1]
