@@ -33,7 +33,7 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
 
     pre = results["pretrain"]
     assert pre["steps"] == 2 and pre["backbone"] == "vit_test_patch8"
-    assert pre["chance"] == pytest.approx(1 / 64)  # 64-pixel reference, 8-pixel patches
+    assert pre["chance"] == pytest.approx(1 / 16)  # 32-pixel reference, 8-pixel patches
     assert 0.0 <= pre["location_accuracy_heldout"] <= 1.0
     assert (tmp_path / "pretrain_loca").is_dir() and pre["checkpoint"].endswith("last.ckpt")
 
