@@ -81,8 +81,8 @@ def release_init_vit_(vit: VisionTransformer) -> None:
     attention: Xavier-uniform kernels for query, key, value (three [D, D] kernels, packed in timm's ``qkv``) and
     the output projection, zero biases; MLP: Xavier-uniform kernels, biases normal(1e-6); LayerNorms at one and
     zero. timm's default (truncated normal 0.02 for every linear layer) is 3-5x smaller at the widths of small
-    models (Xavier std at D=96: 0.10 for attention, 0.065 for the MLP), which leaves the residual branches near
-    zero at the start and slows early learning.
+    models (Xavier std at D=96: 0.10 for attention, 0.065 for the MLP). On the demo's 4-block width-96 ViT the
+    two gave the same location accuracy and the same finetuning result within noise (README, demo section).
     """
     dim = vit.embed_dim
     if getattr(vit, "pos_embed", None) is not None:
