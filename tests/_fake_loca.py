@@ -39,3 +39,14 @@ class FakeLOCADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
+
+
+class StopAt(L.Callback):
+    """Ask the trainer to stop after optimizer step ``step`` (a pre-emption the run survives)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _fake_loca import StopAt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -24,24 +25,7 @@ TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, p
 VIEWS = dict(reference_size=64, query_size=64, focal_size=32, num_focal=2, patch_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: bitwise-repeatable sums and no contention on a small shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class StopAt(L.Callback):
-    """Ask the trainer to stop after optimizer step ``step`` (a pre-emption the run survives)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _trainer(root: Path, max_steps: int, callbacks=(), every: int | None = None) -> L.Trainer:
