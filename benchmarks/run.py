@@ -3,6 +3,8 @@
     python benchmarks/run.py --out bench_results/bench.json            # everything (~10 min on 2 cores)
     python benchmarks/run.py --parts step --models vit_small_patch16   # one part, one model
     python benchmarks/run.py --quick                                   # a shorter run (fewer repeats and images)
+    python benchmarks/run.py --parts step --release-python /tmp/jaxenv/bin/python --scenic /path/to/scenic
+        # adds the authors' JAX step, timed right after ours (set-up: benchmarks/jax_release.py)
 
 Each part runs in a fresh process, so that its peak resident memory is its own. Every timing is the median of
 several repeats; each row also records how many cores OTHER processes kept busy meanwhile ("others"), because a
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -224,7 +227,35 @@ def format_table(results: dict) -> str:
             f"{seg['s_per_image']:.3f} s/image | {seg['peak_rss_mb']:.0f} MB | "
             f"{_fmt_others(seg['others_cores'])} |"
         )
+    release = {r["variant"]: r for r in results.get("release", [])}
+    for step in results.get("step", []):
+        ref = release.get(RELEASE_VARIANTS.get(step["backbone"], ""))
+        if ref and ref["batch"] == step["batch_size"]:
+            rows.append(
+                f"| step, JAX release | {step['backbone']}, batch {ref['batch']}, {ref['precision']}, "
+                f"{ref['cpu_count']} cores, scenic/projects/loca unmodified | {ref['images_per_second']:.2f} images/s "
+                f"({ref['seconds_per_step_median']:.3f} s/step) | ours {step['precision']}"
+                f"{', malloc keeps freed memory' if step.get('keep_memory') else ''}: "
+                f"{step['images_per_s'] / ref['images_per_second']:.2f}x | n/a | n/a |"
+            )
     return "\n".join(rows)
+
+
+RELEASE_VARIANTS = {"vit_tiny_patch16": "Ti/16", "vit_small_patch16": "S/16", "vit_base_patch16": "B/16"}
+
+
+def bench_release(python: str, scenic: str, backbone: str, batch_size: int, steps: int) -> dict:
+    """The authors' JAX step (benchmarks/jax_release.py) in its own environment ``python``."""
+    if backbone not in RELEASE_VARIANTS:
+        raise SystemExit(f"--release-python: no released variant for {backbone}; one of {sorted(RELEASE_VARIANTS)}")
+    script = Path(__file__).with_name("jax_release.py")
+    command = [python, str(script), "--scenic", scenic, "--variant", RELEASE_VARIANTS[backbone],
+               "--batch", str(batch_size), "--steps", str(steps)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,7 +282,16 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="CORES",
         help="before each part, wait (up to 10 min) until other processes use fewer than CORES cores",
     )
+    parser.add_argument(
+        "--release-python",
+        default=None,
+        metavar="PYTHON",
+        help="also time the authors' JAX step (benchmarks/jax_release.py) with this interpreter (needs --scenic)",
+    )
+    parser.add_argument("--scenic", default=None, help="folder containing the scenic package, for --release-python")
     args = parser.parse_args(argv)
+    if (args.release_python is None) != (args.scenic is None):
+        parser.error("--release-python and --scenic go together")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - {"data", "step", "segmentation"})
     if unknown:
@@ -281,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
                         threads=args.threads,
                     )
                     results["step"].append(run_isolated("bench_step", kwargs, args.wait_quiet))
+            if args.release_python:  # right after ours, so that both see the same machine state
+                if args.wait_quiet is not None:
+                    wait_until_quiet(args.wait_quiet)
+                results.setdefault("release", []).append(
+                    bench_release(args.release_python, args.scenic, model, args.batch_size, repeats)
+                )
     if "segmentation" in parts:
         kwargs = dict(repeats=repeats)
         results["segmentation"] = run_isolated("bench_segmentation", kwargs, args.wait_quiet)
