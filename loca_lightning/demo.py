@@ -410,6 +410,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config-dir", default=None, help="folder holding pretrain.yaml and seg.yaml")
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="KEY=VALUE", help="pretraining config overrides")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE", help="finetuning config overrides")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="experiment: pretraining variants to compare with random init",
+    )
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: cores minus one, for the loader)")
     args = parser.parse_args(argv)
     # The DataLoader worker needs a core of its own: PyTorch's threads spin-wait on each other when a core is taken,
@@ -418,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tune_malloc()
     pre, fine = _overrides(args.pretrain), _overrides(args.finetune)
     if args.experiment:
-        run_experiment(args.out or "runs/experiment", args.seeds, pre, fine, args.config_dir)
+        run_experiment(args.out or "runs/experiment", args.seeds, pre, fine, args.config_dir, variants=args.variants)
     else:
         run_demo(args.out or "runs/demo", args.seed, pre, fine, args.config_dir)
 

@@ -64,3 +64,17 @@ def test_experiment_table_mean_and_spread():
     # mean 60.0, sample std of (50, 70) = 14.1
     assert lines[2] == "| LOCA | 60.0 ± 14.1 | 40.0 ± 14.1 | 40.0 ± 0.0 | 2 |"
     assert lines[3] == "| random init | 40.0 ± 14.1 | 20.0 ± 14.1 | - | 2 |"
+
+
+def test_experiment_command_passes_seeds_overrides_and_variants(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_experiment", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(demo, "tune_malloc", lambda: None)
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)
+    demo.main(["--experiment", "--out", "x", "--seeds", "0", "1", "--variants", "loca",
+               "--pretrain", "trainer.max_epochs=200", "model.init_args.final_lr_ratio=1.0"])  # fmt: skip
+    (out, seeds, pre, fine, config_dir), kwargs = calls[0]
+    assert (out, seeds, fine, kwargs) == ("x", [0, 1], [], {"variants": ["loca"]})
+    assert pre == ["--trainer.max_epochs=200", "--model.init_args.final_lr_ratio=1.0"]
+    with pytest.raises(SystemExit):
+        demo.main(["--experiment", "--variants", "dino"])
