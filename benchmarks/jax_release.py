@@ -44,6 +44,7 @@ def main() -> None:
         sys.exit(f"--scenic {args.scenic}: expected a folder containing scenic/projects/loca")
     sys.path.insert(0, args.scenic)
 
+    import flax
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -104,39 +105,30 @@ def main() -> None:
 
     data_rng = np.random.default_rng(0)
 
+    def views(size: int) -> np.ndarray:
+        return data_rng.standard_normal((1, args.batch, size, size, 3), dtype=np.float32)
+
+    def targets(side: int) -> np.ndarray:
+        """Position targets with about 70% of query patches labelled, as with the released crops."""
+        shape = (1, args.batch, side, side)
+        return np.where(data_rng.random(shape) < 0.7, data_rng.integers(0, n_pos, shape), -1).astype(np.int32)
+
     def make_batch() -> dict:
-        b = args.batch
-        batch = {
-            "reference": data_rng.standard_normal((1, b, res, res, 3), dtype=np.float32),
-            "query0": data_rng.standard_normal((1, b, res, res, 3), dtype=np.float32),
-            # about 70% of query patches labelled, as with the released crops
-            "query0_mask": np.where(
-                data_rng.random((1, b, grid, grid)) < 0.7, data_rng.integers(0, n_pos, (1, b, grid, grid)), -1
-            ).astype(np.int32),
-        }
+        batch = {"reference": views(res), "query0": views(res), "query0_mask": targets(grid)}
         for i in range(1, n_focal + 1):
-            batch[f"query{i}"] = data_rng.standard_normal((1, b, focal_res, focal_res, 3), dtype=np.float32)
-            batch[f"query{i}_mask"] = np.where(
-                data_rng.random((1, b, focal_grid, focal_grid)) < 0.7,
-                data_rng.integers(0, n_pos, (1, b, focal_grid, focal_grid)),
-                -1,
-            ).astype(np.int32)
+            batch[f"query{i}"], batch[f"query{i}_mask"] = views(focal_res), targets(focal_grid)
         return batch
 
     batches = [make_batch() for _ in range(args.steps + 2)]
-    times = []
-    t_compile = time.perf_counter()
-    for i, batch in enumerate(batches):
+    seconds = []
+    for batch in batches:
         t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
         jax.block_until_ready((state.params, metrics))
-        if i == 0:
-            t_compile = time.perf_counter() - t_compile
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        seconds.append(time.perf_counter() - t0)
+    t_compile, times = seconds[0], seconds[2:]  # the first step compiles; two warm-up steps are not timed
     loss = float(jax_utils.unreplicate(metrics)["total_loss"][0])
     median = statistics.median(times)
-    import flax
 
     result = {
         "implementation": "scenic/projects/loca (JAX release), unmodified step",

@@ -9,6 +9,9 @@ from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.pretrain.module import LOCAPretrainModule
 
+# Tiny model: one thread is faster and immune to a busy second core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE, REFERENCE, PATCH, SCENES = 48, 32, 8, 32  # 4x4 = 16 reference positions: chance is 1/16
 
 
@@ -35,7 +38,6 @@ def location_accuracy(model: LOCAPretrainModule, views, scenes: SyntheticScenes)
 
 def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.32, 1.0)) -> tuple[float, float, float]:
     """Location accuracy on fresh views of the training scenes before and after a CPU fit, and chance."""
-    torch.set_num_threads(1)  # tiny model: one thread is faster and immune to a busy second core
     L.seed_everything(0)
     views = dict(reference_size=reference, query_size=reference, focal_size=reference // 2, num_focal=2,
                  patch_size=PATCH, photometric=False, reference_scale=scale, query_scale=scale)
