@@ -4,6 +4,24 @@ eager and with torch.compile (of the transformer blocks); and the data pipeline'
     python benchmarks/gpu.py                              # one CUDA GPU, < 5 minutes; JSON to bench_results/gpu.json
     python benchmarks/gpu.py --profile                    # also: top kernels and matmul/attention/other shares
     python benchmarks/gpu.py --device cpu --tiny          # smoke run without a GPU (tiny model, seconds)
+    python benchmarks/gpu.py --parts eager,compiled_all,timm_compiled --profile   # chosen parts only
+
+Parts (``--parts``, in the order given; default eager,data,compiled,compiled_all):
+    eager              the LOCA step as the module runs it by default
+    compiled           model.compile: blocks (each transformer block compiled)
+    compiled_all       model.compile: all (blocks, heads with their losses, the teacher's Sinkhorn targets)
+    compiled_all_b2x   compiled_all at twice the batch
+    compiled_all_tf32  compiled_all with TF32 float32 matmuls
+    compiled_all_autotune   compiled_all with mode max-autotune-no-cudagraphs (long compilation)
+    eager_tf32         eager with TF32 float32 matmuls (the fp32 prototype layer), to price that layer
+    eager_no_guard     eager without the per-step non-finite check (one host sync), to price that sync
+    timm_eager, timm_compiled   plain timm ViT-B/16 supervised training step at 224 px (fwd, CE, bwd, clip, fused
+                       AdamW; compiled: each block): what this GPU gives an ordinary ViT, the ceiling to compare with
+    eager_conv, compiled_all_conv   eager / compiled_all with timm's convolution as the patch embedding (before the
+                       matmul of ViT.patch_tokens)
+    attention          one attention layer per SDPA backend at the step's four shapes (ms, fwd + bwd)
+    patch_embed        the patch embedding, convolution vs matmul (ms, fwd + weight gradient)
+    data               the LOCA data pipeline on this machine's CPU cores
 
 Run from the repository root. Needs torch (with CUDA), numpy, timm and lightning (LOCAPretrainModule is a
 LightningModule); nothing else of this package's dependencies. The data part also needs opencv-python-headless and
@@ -15,6 +33,7 @@ teacher's EMA update (benchmarks/common.py: TrainStep); FLOPs are counted as in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -31,13 +50,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when the package is not installed
 
-from common import TrainStep, build_module, loca_step_flops, matmul_rate, sync, synthetic_batch  # noqa: E402
+from common import (  # noqa: E402
+    TrainStep,
+    build_module,
+    loca_step_flops,
+    matmul_rate,
+    sync,
+    synthetic_batch,
+    vit_forward_flops,
+)
+
+from loca_lightning.backbones.vit import ViT  # noqa: E402
+from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 
 TINY = dict(
     backbone="vit_test_patch16",
     batch_size=4,
     geometry=dict(reference_size=64, query_size=64, focal_size=32, num_focal=2),
     module=dict(num_prototypes=64, projection_hidden_dim=64, projection_dim=16),
+    timm_reference="vit_tiny_patch16_224",
+    patch=16,
+    heads=2,
+    head_dim=16,
     matmul_n=512,
 )
 FULL = dict(
@@ -45,6 +79,10 @@ FULL = dict(
     batch_size=128,
     geometry=dict(reference_size=224, query_size=224, focal_size=96, num_focal=9),
     module=dict(),
+    timm_reference="vit_base_patch16_224",
+    patch=16,
+    heads=12,
+    head_dim=64,
     matmul_n=8192,
 )
 
@@ -74,11 +112,12 @@ def _allow_recompiles(limit: int = 64) -> None:
 
 _CATEGORIES = (  # kernel-name fragments (lower case) -> category; first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "wgrad", "dgrad")),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm")),
 )
 
 
-def profile_steps(step: TrainStep, device: torch.device, first: int, count: int = 2, rows: int = 25) -> dict:
+def profile_steps(step: TrainStep, device: torch.device, first: int, count: int = 2, rows: int = 40) -> dict:
     """Where the step's device time goes: top kernels and matmul / attention / other shares (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -94,6 +133,10 @@ def profile_steps(step: TrainStep, device: torch.device, first: int, count: int 
         return float(event.self_cpu_time_total)
 
     events = [e for e in prof.key_averages() if self_time(e) > 0]
+    if device.type == "cuda":  # kernels only: an operator's device time is that of its kernels, counted already
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
     total = sum(self_time(e) for e in events) or 1.0
     shares: dict[str, float] = {}
     for event in events:
@@ -115,26 +158,207 @@ def profile_steps(step: TrainStep, device: torch.device, first: int, count: int 
     }
 
 
+class TimmStep:
+    """A plain supervised ViT training step (timm model, bf16 autocast, cross-entropy on random labels, backward,
+    clipping, fused AdamW): the reference for what an ordinary ViT reaches on the same GPU in the same run."""
+
+    def __init__(self, name: str, batch_size: int, image_size: int, device: torch.device, compile: bool) -> None:
+        import timm
+
+        self.model = timm.create_model(name, num_classes=1000, img_size=image_size).to(device).train()
+        if compile:
+            for block in self.model.blocks:
+                block.compile()
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device)
+        self.labels = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.device = device
+
+    def flops(self) -> int:
+        vit = self.model
+        dim, depth, patch = vit.embed_dim, len(vit.blocks), vit.patch_embed.patch_size[0]
+        b, n = self.images.shape[0], (self.images.shape[-1] // patch) ** 2
+        fwd = vit_forward_flops(dim, depth, vit.blocks[0].mlp.fc1.out_features, b, n + 1, b * n, patch)
+        fwd += 2 * b * dim * 1000  # the classifier
+        return 3 * fwd - 2 * b * n * 3 * patch * patch * dim  # no gradient for the images
+
+    def __call__(self, step: int) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+def _conv_patch_tokens(self: ViT, images: torch.Tensor) -> torch.Tensor:
+    return self.patch_embed(images)  # timm's PatchEmbed: a stride-p convolution
+
+
+_MATMUL_PATCH_TOKENS = ViT.patch_tokens
+
+
+def _median_ms(fn: Any, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, wall time with a sync on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
+    """Milliseconds of one attention layer (forward, and backward where the step has one) per SDPA backend, at the
+    step's shapes, with q, k, v as views of one packed tensor as timm's Attention makes them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = cfg["geometry"]
+    b, p, heads, head_dim = cfg["batch_size"], cfg["patch"], cfg["heads"], cfg["head_dim"]
+    ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
+    kept, keys = round(70 / 196 * large), round(0.2 * ref)
+    shapes = {  # name: (sequences, query tokens, key tokens, backward?)
+        f"teacher_{ref}_no_grad": (b, ref, ref, False),
+        f"large_query_{kept}": (b, kept, kept, True),
+        f"focal_{focal}": (b * g["num_focal"], focal, focal, True),
+        f"location_head_{kept + g['num_focal'] * focal}x{keys}": (b, kept + g["num_focal"] * focal, keys, True),
+    }
+    backends = {"default": None, **{k.name: k for k in (
+        SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
+    )}}  # fmt: skip
+    dtype = torch.bfloat16
+    out: dict[str, dict] = {}
+    for name, (n, nq, nk, grad) in shapes.items():
+        q = torch.randn(n, nq, heads, head_dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+        kv = torch.randn(n, nk, 2, heads, head_dim, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+        kv.requires_grad_(grad)
+        grad_out = torch.randn(n, heads, nq, head_dim, device=device, dtype=dtype)
+        row: dict[str, Any] = {}
+        for key, backend in backends.items():
+
+            def layer(backend=backend, q=q, kv=kv, grad=grad, grad_out=grad_out) -> None:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    k, v = kv.unbind(0)
+                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                if grad:
+                    o.backward(grad_out)
+
+            try:
+                row[key] = round(_median_ms(layer, device, repeats=repeats), 4)
+            except RuntimeError:  # a backend that does not take this shape or device
+                row[key] = "unavailable"  # e.g. cuDNN or memory-efficient attention on the CPU
+        out[name] = row
+    return out
+
+
+def bench_patch_embed(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
+    """Milliseconds of the patch embedding (bf16 autocast, forward and weight gradient): timm's convolution vs the
+    matmul of ``ViT.patch_tokens``, on the step's reference and focal batches."""
+    g, p = cfg["geometry"], cfg["patch"]
+    vit = ViT(img_size=g["reference_size"], patch_size=p, embed_dim=cfg["heads"] * cfg["head_dim"], depth=1,
+              num_heads=cfg["heads"]).to(device)  # fmt: skip
+    shapes = {
+        f"reference_{cfg['batch_size']}x{g['reference_size']}": (cfg["batch_size"], g["reference_size"]),
+        f"focal_{cfg['batch_size'] * g['num_focal']}x{g['focal_size']}": (
+            cfg["batch_size"] * g["num_focal"],
+            g["focal_size"],
+        ),
+    }
+    out: dict[str, dict] = {}
+    for name, (n, size) in shapes.items():
+        images = torch.randn(n, 3, size, size, device=device)
+        row: dict[str, float] = {}
+        for kind, embed in (("conv", vit.patch_embed), ("matmul", vit.patch_tokens)):
+
+            def run(embed=embed, images=images) -> None:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    tokens = embed(images)
+                tokens.float().sum().backward()
+
+            row[kind] = round(_median_ms(run, device, repeats=repeats), 4)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            diff = vit.patch_embed(images).float() - vit.patch_tokens(images).float()
+        row["max_abs_diff_bf16"] = float(diff.abs().max())
+        out[name] = row
+    return out
+
+
 def bench_step(
     device: torch.device,
     cfg: dict,
-    compile: bool,
+    compile: bool | str,
     warmup: int,
     steps: int,
     matmul_flops: float,
     profile: bool = False,
+    batch_scale: int = 1,
+    tf32: bool = False,
+    guard: bool = True,
+    timm_reference: bool = False,
+    compile_options: dict | None = None,
+    conv_patch_embed: bool = False,
 ) -> dict:
     """Images/s of ``steps`` back-to-back steps (one sync at the end), MFU, peak memory; compile time if compiled;
-    with ``profile``, where the device time of two more steps goes."""
+    with ``profile``, where the device time of two more steps goes.
+
+    ``compile``: the module's ``compile`` option (False, "blocks" or "all"); ``tf32``: float32 matmuls in TF32 for
+    this part; ``guard``: keep the step's non-finite check; ``timm_reference``: time :class:`TimmStep` instead;
+    ``conv_patch_embed``: timm's convolution as the patch embedding instead of our matmul (``ViT.patch_tokens``)."""
     _memory_reset(device)
     if compile:
         _allow_recompiles()
-    module = build_module(
-        cfg["backbone"], compile=compile, reference_size=cfg["geometry"]["reference_size"], **cfg["module"]
-    ).to(device)
-    batch = synthetic_batch(cfg["batch_size"], device, **cfg["geometry"])
-    step = TrainStep(module, batch, precision="bf16-mixed", fused=True)
-    flops = loca_step_flops(module, batch)["total"]
+    batch_size = cfg["batch_size"] * batch_scale
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    LOCAPretrainModule.compile_options = dict(compile_options or {})
+    if conv_patch_embed:
+        ViT.patch_tokens = _conv_patch_tokens
+    try:
+        if timm_reference:
+            step = TimmStep(cfg["timm_reference"], batch_size, cfg["geometry"]["reference_size"], device, bool(compile))
+            module, batch, flops = None, None, step.flops()
+        else:
+            module = build_module(
+                cfg["backbone"], compile=compile, reference_size=cfg["geometry"]["reference_size"], **cfg["module"]
+            ).to(device)
+            if not guard:
+                module._guard_nonfinite = lambda out: out["loss"]
+            batch = synthetic_batch(batch_size, device, **cfg["geometry"])
+            step = TrainStep(module, batch, precision="bf16-mixed", fused=True)
+            flops = loca_step_flops(module, batch)["total"]
+        return _time_step(step, device, compile, warmup, steps, batch_size, flops, matmul_flops, profile)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        LOCAPretrainModule.compile_options = {}
+        ViT.patch_tokens = _MATMUL_PATCH_TOKENS
+        _memory_reset(device)
+
+
+def _time_step(
+    step: Any,
+    device: torch.device,
+    compile: bool | str,
+    warmup: int,
+    steps: int,
+    b: int,
+    flops: int,
+    matmul_flops: float,
+    profile: bool,
+) -> dict:
+    """Time ``step`` (a TrainStep or TimmStep of batch ``b`` and ``flops`` counted FLOPs): see :func:`bench_step`."""
     start = time.perf_counter()
     for i in range(warmup):
         step(i)
@@ -154,14 +378,14 @@ def bench_step(
     sync(device)
     step_s = (time.perf_counter() - start) / steps
     peak = _peak_memory_gb(device)
-    step.backbone_only(0)
     backbone = []
-    for i in range(3):
-        t0 = time.perf_counter()
-        step.backbone_only(i)
-        sync(device)
-        backbone.append(time.perf_counter() - t0)
-    b = cfg["batch_size"]
+    if hasattr(step, "backbone_only"):
+        step.backbone_only(0)
+        for i in range(3):
+            t0 = time.perf_counter()
+            step.backbone_only(i)
+            sync(device)
+            backbone.append(time.perf_counter() - t0)
     out = {
         "compile": compile,
         "batch_size": b,
@@ -173,7 +397,7 @@ def bench_step(
         "gflop_per_image": flops / b / 1e9,
         "achieved_tflop_per_s": flops / step_s / 1e12,
         "mfu": flops / step_s / matmul_flops,
-        "outside_backbone_share": 1.0 - statistics.median(backbone) / statistics.median(per_step),
+        "outside_backbone_share": 1.0 - statistics.median(backbone) / statistics.median(per_step) if backbone else None,
         "peak_memory_gb": peak,
         "peak_memory_per_image_mb": None if peak is None else peak * 1024 / b,
     }
@@ -182,10 +406,8 @@ def bench_step(
     if compile:  # 3 expected: student large query, student focal queries (dynamic), teacher (no grad)
         from torch._dynamo.utils import counters
 
-        out["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
+        out["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]  # counted since the process started
         out["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
-    del step, module, batch
-    _memory_reset(device)
     return out
 
 
@@ -213,6 +435,24 @@ def bench_data(images: int, batch_size: int, workers: int, seconds: float) -> di
     }
 
 
+STEP_PARTS: dict[str, dict] = {  # part -> bench_step options (see the module docstring)
+    "eager": dict(compile=False),
+    "compiled": dict(compile="blocks"),
+    "compiled_all": dict(compile="all"),
+    "compiled_all_b2x": dict(compile="all", batch_scale=2),
+    "compiled_all_tf32": dict(compile="all", tf32=True),
+    "compiled_all_autotune": dict(compile="all", compile_options={"mode": "max-autotune-no-cudagraphs"}),
+    "eager_conv": dict(compile=False, conv_patch_embed=True),
+    "compiled_all_conv": dict(compile="all", conv_patch_embed=True),
+    "eager_tf32": dict(compile=False, tf32=True),
+    "eager_no_guard": dict(compile=False, guard=False),
+    "timm_eager": dict(compile=False, timm_reference=True),
+    "timm_compiled": dict(compile="blocks", timm_reference=True),
+}
+OTHER_PARTS = ("attention", "patch_embed", "data")
+DEFAULT_PARTS = "eager,data,compiled,compiled_all"
+
+
 def format_table(result: dict) -> str:
     """A short markdown table of the run."""
     rows = ["| measurement | value |", "|---|---|"]
@@ -221,37 +461,47 @@ def format_table(result: dict) -> str:
         f"| dense bf16 matmul {result['matmul_n']}^3 | {result['matmul_tflop_per_s']:.4g} TFLOP/s (at the end: "
         f"{result.get('matmul_tflop_per_s_end', float('nan')):.4g}) |"
     )
-    for key in ("eager", "compiled"):
-        step = result.get(key)
-        if not step:
-            continue
+    step_keys = [k for k in STEP_PARTS if result.get(k)]
+    for key in step_keys:
+        step = result[key]
         if "error" in step:
-            rows.append(f"| LOCA step, {key} | error: {step['error'].splitlines()[-1]} |")
+            rows.append(f"| {key} | error: {step['error'].strip().splitlines()[-1]} |")
             continue
         mem = (
             "n/a"
             if step["peak_memory_gb"] is None
             else (f"{step['peak_memory_gb']:.1f} GB ({step['peak_memory_per_image_mb']:.0f} MB/image)")
         )
+        what = f"timm {result['timm_reference']} supervised" if key.startswith("timm") else f"LOCA {result['backbone']}"
+        outside = step.get("outside_backbone_share")
+        outside = "" if outside is None else f"outside backbone {100 * outside:.0f}%, "
         rows.append(
-            f"| LOCA {result['backbone']} step, batch {step['batch_size']}, bf16, {key} | "
+            f"| {key}: {what} step, batch {step['batch_size']}, bf16 | "
             f"{step['images_per_s']:.0f} images/s, {step['step_s'] * 1e3:.1f} ms/step, "
-            f"{step['achieved_tflop_per_s']:.4g} TFLOP/s, MFU {step['mfu']:.3f}, outside backbone "
-            f"{100 * step['outside_backbone_share']:.0f}%, peak {mem}, warmup {step['warmup_s']:.0f} s |"
+            f"{step['achieved_tflop_per_s']:.4g} TFLOP/s, MFU {step['mfu']:.3f}, {outside}"
+            f"peak {mem}, warmup {step['warmup_s']:.0f} s |"
         )
-    for key in ("eager", "compiled"):
-        prof = (result.get(key) or {}).get("profile")
+    for key in step_keys:
+        prof = result[key].get("profile")
         if prof:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["shares"].items())
             top = "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.1f} ms" for t in prof["top"][:5])
             rows.append(
                 f"| profile, {key} | {prof['device_ms_per_step']:.1f} ms/step on the device: {shares}. Top: {top} |"
             )
+    for key, unit in (("attention", "ms per layer, fwd+bwd"), ("patch_embed", "ms, fwd + weight grad")):
+        part = result.get(key)
+        if part and "error" in part:
+            rows.append(f"| {key} | error: {part['error'].strip().splitlines()[-1]} |")
+        elif part:
+            for shape, row in part.items():
+                values = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}" for k, v in row.items())
+                rows.append(f"| {key} {shape} ({unit}) | {values} |")
     data = result.get("data")
     if data and "skipped" in data:
         rows.append(f"| data pipeline | skipped: {data['skipped']} |")
     elif data and "error" in data:
-        rows.append(f"| data pipeline | error: {data['error'].splitlines()[-1]} |")
+        rows.append(f"| data pipeline | error: {data['error'].strip().splitlines()[-1]} |")
     elif data:
         rows.append(f"| data, 1 worker | {data['one_worker_samples_per_s']:.0f} samples/s |")
         rows.append(
@@ -259,7 +509,7 @@ def format_table(result: dict) -> str:
             f"(1 worker x {data['workers']} = {data['one_worker_x_cores']:.0f}) |"
         )
         best = max(
-            (result[k]["images_per_s"] for k in ("eager", "compiled") if result.get(k) and "images_per_s" in result[k]),
+            (result[k]["images_per_s"] for k in step_keys if not k.startswith("timm") and "images_per_s" in result[k]),
             default=None,
         )
         if best:
@@ -275,11 +525,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch (default 128; tiny 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; compiled: +3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    parser.add_argument("--no-data", action="store_true", help="skip the data pipeline measurement")
+    parser.add_argument(
+        "--parts", default=DEFAULT_PARTS, help=f"comma-separated parts, in order (default {DEFAULT_PARTS})"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled parts")
+    parser.add_argument("--no-data", action="store_true", help="leave out the data pipeline measurement")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all CPU cores)")
     parser.add_argument("--profile", action="store_true", help="also profile two steps: top kernels, time shares")
     args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in STEP_PARTS and p not in OTHER_PARTS]
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {sorted(STEP_PARTS) + list(OTHER_PARTS)}")
+    if args.no_compile:
+        parts = [p for p in parts if p in OTHER_PARTS or not STEP_PARTS[p]["compile"]]
+    if args.no_data:
+        parts = [p for p in parts if p != "data"]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: use --device cpu --tiny for a smoke run")
@@ -295,10 +556,12 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "cpu_cores": cores,
         "backbone": cfg["backbone"],
+        "timm_reference": cfg["timm_reference"],
         "matmul_n": cfg["matmul_n"],
+        "parts": parts,
         "command": " ".join(["python", *sys.argv]),
     }
-    print(f"device {result['device']}, torch {torch.__version__}, {cores} CPU cores", flush=True)
+    print(f"device {result['device']}, torch {torch.__version__}, {cores} CPU cores; parts {parts}", flush=True)
     matmul = matmul_rate(device, torch.bfloat16, cfg["matmul_n"], repeats=10 if device.type == "cuda" else 3)
     result["matmul_tflop_per_s"] = matmul / 1e12
     print(f"bf16 matmul {cfg['matmul_n']}^3: {matmul / 1e12:.1f} TFLOP/s", flush=True)
@@ -309,11 +572,16 @@ def main(argv: list[str] | None = None) -> dict:
         result["total_s"] = time.perf_counter() - t_start
         out.write_text(json.dumps(result, indent=2) + "\n")
 
-    # compile last: it is the slowest and the riskiest part
-    parts = ["eager"] + ([] if args.no_data else ["data"]) + ([] if args.no_compile else ["compiled"])
     for part in parts:
+        t_part = time.perf_counter()
         try:
-            if part == "data":
+            if part == "attention":
+                result[part] = bench_attention(device, cfg)
+                print(f"{part}: {result[part]}", flush=True)
+            elif part == "patch_embed":
+                result[part] = bench_patch_embed(device, cfg)
+                print(f"{part}: {result[part]}", flush=True)
+            elif part == "data":
                 result["data"] = bench_data(
                     images=16 if args.tiny else 64,
                     batch_size=8 if args.tiny else 32,
@@ -321,15 +589,23 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds=1.0 if args.tiny else 8.0,
                 )
             else:
-                compiled = part == "compiled"
+                options = STEP_PARTS[part]
+                extra = 3 if options["compile"] else 0
                 result[part] = bench_step(
-                    device, cfg, compiled, warmup + (3 if compiled else 0), steps, matmul, profile=args.profile
+                    device,
+                    cfg,
+                    warmup=warmup + extra,
+                    steps=steps,
+                    matmul_flops=matmul,
+                    profile=args.profile,
+                    **options,
                 )
                 print(f"{part}: {result[part]['images_per_s']:.1f} images/s, MFU {result[part]['mfu']:.3f}", flush=True)
         except Exception:  # keep what was measured: an OOM or a compile failure must not lose the other numbers
             result[part] = {"error": traceback.format_exc()}
             print(result[part]["error"], flush=True)
             _memory_reset(device)
+        result.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t_part, 1)
         save()
     # matmul again at the end: a drifting clock (thermal, other tenants) shows as a difference between the two
     result["matmul_tflop_per_s_end"] = matmul_rate(device, torch.bfloat16, cfg["matmul_n"], repeats=5) / 1e12

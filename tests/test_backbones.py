@@ -65,7 +65,7 @@ def test_keep_subset_equals_running_on_those_positions():
     x = torch.randn(2, 3, 96, 96)
     keep = torch.stack([torch.randperm(36)[:10], torch.randperm(36)[:10]])
     out = model(x, keep_index=keep)
-    embedded = model.patch_embed(x) + model.pos_embed_for((6, 6))  # [B, 36, D]
+    embedded = model.patch_tokens(x) + model.pos_embed_for((6, 6))  # [B, 36, D]
     manual = torch.stack([model.forward_tokens(embedded[b : b + 1, keep[b]])[0] for b in range(2)])
     torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-6)
 
@@ -77,7 +77,7 @@ def test_skip_pos_embed_changes_output_and_is_position_free():
     assert not torch.allclose(with_pos, without)
     # Without positions the ViT is permutation-equivariant: shuffling the tokens shuffles the outputs.
     perm = torch.randperm(16)
-    embedded = model.patch_embed(x)
+    embedded = model.patch_tokens(x)
     torch.testing.assert_close(model.forward_tokens(embedded[:, perm]), without[:, perm], rtol=1e-5, atol=1e-6)
 
 
@@ -188,3 +188,20 @@ def test_drop_path_linear_over_depth():
     model = build_backbone("vit_tiny_patch16", drop_path_rate=0.1)
     rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.blocks]
     assert rates[0] == 0.0 and abs(rates[-1] - 0.1) < 1e-6
+
+
+@pytest.mark.parametrize("name, size", [("vit_test_patch16", (64, 96)), ("vit_pico_patch8", (40, 24))])
+def test_patch_embedding_as_a_matmul_equals_timms_convolution(name, size):
+    # The embedding cuts the image into patches and multiplies by the conv kernel: same output and weight gradient.
+    model = build_backbone(name)
+    images = torch.randn(3, 3, *size)
+    tokens = model.patch_tokens(images)
+    reference = model.patch_embed(images)  # timm's PatchEmbed: stride-p convolution, flatten, norm
+    grid = (size[0] // model.patch_size) * (size[1] // model.patch_size)
+    assert tokens.shape == reference.shape == (3, grid, model.embed_dim)
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    weight = model.patch_embed.proj.weight
+    grad_mm = torch.autograd.grad(tokens.square().sum(), weight)[0]
+    grad_conv = torch.autograd.grad(reference.square().sum(), weight)[0]
+    torch.testing.assert_close(grad_mm, grad_conv, rtol=1e-4, atol=1e-4)
+    assert grad_mm.abs().max() > 1e-2  # a real gradient, not two zeros

@@ -108,12 +108,19 @@ def test_release_benchmark_names_a_missing_scenic_folder(tmp_path):
 
 def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     out = tmp_path / "gpu.json"
+    parts = "eager,eager_conv,eager_no_guard,timm_eager,attention,patch_embed,compiled_all"
     gpu.main(
         ["--device", "cpu", "--tiny", "--no-compile", "--no-data", "--warmup", "1", "--steps", "1", "--profile"]
-        + ["--out", str(out)]
+        + ["--parts", parts, "--out", str(out)]
     )
     result = json.loads(out.read_text())
-    assert result["eager"]["images_per_s"] > 0 and result["eager"]["mfu"] > 0
+    assert "compiled_all" not in result["parts"]  # --no-compile drops the compiled parts
+    for part in ("eager", "eager_conv", "eager_no_guard", "timm_eager"):
+        assert result[part]["images_per_s"] > 0 and result[part]["mfu"] > 0, part
     assert result["matmul_tflop_per_s"] > 0 and "LOCA vit_test_patch16 step" in result["table"]
+    assert "timm vit_tiny_patch16_224 supervised step" in result["table"]
     shares = result["eager"]["profile"]["shares"]
     assert shares["matmul"] > 0 and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert all(row["default"] > 0 and row["MATH"] > 0 for row in result["attention"].values())
+    assert len(result["attention"]) == 4 and len(result["patch_embed"]) == 2
+    assert all(row["conv"] > 0 and row["max_abs_diff_bf16"] < 0.1 for row in result["patch_embed"].values())

@@ -66,6 +66,18 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: 
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ddp_with_compile_all_equals_one_eager_process(tmp_path: Path) -> None:
+    # compile: all traces the losses, whose global sums all-reduce inside autograd Functions (aot_eager backend: the
+    # same dynamo graphs and autograd as inductor, without code generation on 2 cores)
+    _run("ddp_pretrain.py", "1", "4", "3", str(tmp_path / "single.pt"))
+    _run("ddp_pretrain.py", "2", "2", "3", str(tmp_path / "ddp.pt"), "all")
+    single = torch.load(tmp_path / "single.pt")
+    ddp = torch.load(tmp_path / "ddp.pt")
+    assert ddp["world_size"] == 2
+    assert_states_close(ddp["state_dict"], single["state_dict"], atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> None:
     # ModelParallelStrategy -> configure_model shards student and teacher (DTensor parameters); 4 steps in one go
     # equal 2 steps, a stop, and a resume from the distributed checkpoint (last.ckpt is a folder of shards).

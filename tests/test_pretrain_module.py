@@ -123,7 +123,7 @@ def test_subclass_overriding_one_hook_trains_with_plain_trainer():
     assert model.global_step == 3
 
 
-def test_nonfinite_loss_stops_with_step_and_components_or_skips():
+def test_nonfinite_loss_stops_with_step_and_components_or_skips(tmp_path):
     class Poisoned(LOCAPretrainModule):
         def compute_losses(self, *args):
             out = super().compute_losses(*args)
@@ -133,9 +133,10 @@ def test_nonfinite_loss_stops_with_step_and_components_or_skips():
             return out
 
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1: .*loss_location=nan"):
-        _trainer(max_steps=3).fit(Poisoned(**TINY), FakeLOCADataModule())
+        _trainer(max_steps=3, default_root_dir=tmp_path).fit(Poisoned(**TINY), FakeLOCADataModule())
+    assert (tmp_path / "nonfinite-step1.ckpt").is_file()  # the last good state, in the run's folder (not the cwd)
     model = Poisoned(**{**TINY, "on_nonfinite": "skip"})
-    _trainer(max_steps=3).fit(model, FakeLOCADataModule())
+    _trainer(max_steps=3, default_root_dir=tmp_path).fit(model, FakeLOCADataModule())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -149,3 +150,37 @@ def test_export_backbone_copies_teacher_and_checkpoint_loads_weights_only(tmp_pa
     ckpt = next(tmp_path.rglob("*.ckpt"))
     checkpoint = torch.load(ckpt, weights_only=True)  # our checkpoints are plain data
     assert checkpoint["hyper_parameters"]["backbone"] == "vit_test_patch16"
+
+
+def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypatch):
+    # torch.compile's aot_eager backend traces what inductor would compile (dynamo graphs, autograd) without code
+    # generation, so the test checks the plumbing (blocks, heads, losses, Sinkhorn) in seconds.
+    monkeypatch.setattr(LOCAPretrainModule, "compile_options", {"backend": "aot_eager"})
+    batch = FakeLOCADataModule(batch_size=4).dataset
+    batch = torch.utils.data.default_collate([batch[i] for i in range(4)])
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    results = []
+    for compile in (False, "all"):
+        torch.manual_seed(0)
+        model = LOCAPretrainModule(**TINY, compile=compile)
+        model.configure_model()
+        torch.manual_seed(1)  # the same masks
+        out = model.training_step(batch, 0)
+        out.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads, model))
+    (loss, grads, _), (loss_c, grads_c, compiled) = results
+    assert counters["stats"]["unique_graphs"] >= 4  # blocks, teacher targets, location and clustering terms traced
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_c.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the state dict keys do not change with compilation (checkpoints move between compiled and eager runs)
+    assert list(compiled.state_dict()) == list(results[0][2].state_dict())
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(ValueError, match="compile must be false, true, 'blocks' or 'all', got 'full'"):
+        LOCAPretrainModule(**TINY, compile="full")

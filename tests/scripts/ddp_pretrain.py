@@ -1,6 +1,7 @@
 """A few LOCA pretraining steps on CPU, in one process or under Lightning DDP (gloo); saves the final weights.
 
-Usage: python ddp_pretrain.py DEVICES PER_DEVICE_BATCH STEPS OUT.pt   (run by tests/test_distributed.py)
+Usage: python ddp_pretrain.py DEVICES PER_DEVICE_BATCH STEPS OUT.pt [COMPILE]   (run by tests/test_distributed.py)
+COMPILE: a value of the module's ``compile`` option, traced with torch.compile's aot_eager backend (no code generation).
 Masks are derived from each sample (a hash of its targets) instead of a random generator, so that a sample draws
 the same masks whichever process it lands on.
 """
@@ -62,9 +63,11 @@ class StridedData(FakeLOCADataModule):
 
 def main() -> None:
     devices, per_device, steps, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    compile = sys.argv[5] if len(sys.argv) > 5 else False
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = SampleMasks(**TINY)
+    SampleMasks.compile_options = {"backend": "aot_eager"}
+    model = SampleMasks(**TINY, compile=compile)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
