@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     matmul_rate,
     sync,
     synthetic_batch,
+    time_calls,
     vit_forward_flops,
 )
 
@@ -202,23 +203,21 @@ _MATMUL_PATCH_TOKENS = ViT.patch_tokens
 
 
 def _median_ms(fn: Any, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, wall time with a sync on the CPU."""
+    """Median milliseconds of ``fn()``: CUDA events on a GPU (launch latency would be a large share of a 0.1 ms
+    kernel), :func:`common.time_calls` on the CPU."""
+    if device.type != "cuda":
+        return statistics.median(time_calls(lambda _: fn(), device, warmup, repeats)) * 1e3
     for _ in range(warmup):
         fn()
-    sync(device)
+    torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
