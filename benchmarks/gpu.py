@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import statistics
@@ -229,7 +230,9 @@ def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
     g = cfg["geometry"]
     b, p, heads, head_dim = cfg["batch_size"], cfg["patch"], cfg["heads"], cfg["head_dim"]
     ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
-    kept, keys = round(70 / 196 * large), round(0.2 * ref)
+    defaults = inspect.signature(LOCAPretrainModule).parameters  # the keep ratios the step runs with
+    kept = max(1, round(defaults["query_keep_ratio"].default * large))
+    keys = max(1, round(defaults["reference_keep_ratio"].default * ref))
     shapes = {  # name: (sequences, query tokens, key tokens, backward?)
         f"teacher_{ref}_no_grad": (b, ref, ref, False),
         f"large_query_{kept}": (b, kept, kept, True),
@@ -321,7 +324,7 @@ def bench_step(
     if compile:
         _allow_recompiles()
     batch_size = cfg["batch_size"] * batch_scale
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    tf32_before, options_before = torch.backends.cuda.matmul.allow_tf32, LOCAPretrainModule.compile_options
     torch.backends.cuda.matmul.allow_tf32 = tf32
     LOCAPretrainModule.compile_options = dict(compile_options or {})
     if conv_patch_embed:
@@ -342,7 +345,7 @@ def bench_step(
         return _time_step(step, device, compile, warmup, steps, batch_size, flops, matmul_flops, profile)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
-        LOCAPretrainModule.compile_options = {}
+        LOCAPretrainModule.compile_options = options_before
         ViT.patch_tokens = _MATMUL_PATCH_TOKENS
         _memory_reset(device)
 
