@@ -7,11 +7,13 @@ for reference; and the data pipeline's samples/s on this machine's CPU.
     python benchmarks/gpu.py --device cpu --tiny          # smoke run without a GPU (tiny model, seconds)
     python benchmarks/gpu.py --parts eager,compiled_all,timm_compiled --profile   # chosen parts only
 
-Parts (``--parts``, in the order given; default eager,data,compiled,compiled_all):
+Parts (``--parts``, in the order given; default eager,data,compiled,compiled_all,compiled_all_proto_bf16):
     eager              the LOCA step as the module runs it by default
     compiled           model.compile: blocks (each transformer block compiled)
     compiled_all       model.compile: all (blocks, heads with their losses, the teacher's Sinkhorn targets)
     compiled_all_b2x   compiled_all at twice the batch
+    compiled_all_proto_bf16   compiled_all with prototype_precision: bfloat16 (bf16 inputs, float32 sums; _b2x: and
+                       twice the batch)
     compiled_all_tf32  compiled_all with TF32 float32 matmuls
     compiled_all_autotune   compiled_all with mode max-autotune-no-cudagraphs (long compilation)
     eager_tf32         eager with TF32 float32 matmuls (the fp32 prototype layer), to price that layer
@@ -22,6 +24,8 @@ Parts (``--parts``, in the order given; default eager,data,compiled,compiled_all
                        matmul of ViT.patch_tokens)
     attention          one attention layer per SDPA backend at the step's four shapes (ms, fwd + bwd)
     patch_embed        the patch embedding, convolution vs matmul (ms, fwd + weight gradient)
+    prototype_precision   the prototype layer's cosines per precision: largest error against float64 on unit vectors
+                       (some pairs near-parallel), the device's bf16 kernel against its exact emulation, and ms
     data               the LOCA data pipeline on this machine's CPU cores
 
 Run from the repository root. Needs torch (with CUDA), numpy, timm and lightning (LOCAPretrainModule is a
@@ -64,6 +68,7 @@ from common import (  # noqa: E402
 )
 
 from loca_lightning.backbones.vit import ViT  # noqa: E402
+from loca_lightning.pretrain.heads import Bf16DotFp32  # noqa: E402
 from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 
 TINY = dict(
@@ -299,6 +304,44 @@ def bench_patch_embed(device: torch.device, cfg: dict, repeats: int = 20) -> dic
     return out
 
 
+def bench_prototype_precision(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
+    """The prototype layer (cosines of ``batch x (queries + reference)`` normalised features with the prototypes) per
+    ``prototype_precision``: largest error against float64, the device kernel against the bf16 rounding it stands
+    for (:class:`Bf16DotFp32`), and milliseconds of forward + backward."""
+    g = torch.Generator().manual_seed(0)
+    defaults = inspect.signature(LOCAPretrainModule).parameters  # the released head: 256-d, 4096 prototypes
+    dim, count = defaults["projection_dim"].default, defaults["num_prototypes"].default
+    z = torch.nn.functional.normalize(torch.randn(count, dim, generator=g), dim=-1)
+    w = torch.nn.functional.normalize(torch.randn(count, dim, generator=g), dim=-1)
+    w[: count // 64] = torch.nn.functional.normalize(z[: count // 64] + 0.05 * w[: count // 64], dim=-1)  # cos ~1
+    z, w = z.to(device), w.to(device)
+    exact = z.double() @ w.double().T
+    rounded = z.bfloat16().double() @ w.bfloat16().double().T  # what bfloat16 precision stands for
+    bf16 = Bf16DotFp32.apply(z, w)
+    out: dict[str, Any] = {
+        "max_abs_error": {
+            "float32": float((z @ w.T - exact).abs().max()),
+            "bfloat16 (bf16 inputs, float32 sums)": float((bf16 - exact).abs().max()),
+            "bf16 result (autocast)": float(((z.bfloat16() @ w.bfloat16().T).double() - exact).abs().max()),
+        },
+        "bfloat16_kernel_vs_rounding": float((bf16 - rounded).abs().max()),
+    }
+    geometry, p = cfg["geometry"], cfg["patch"]
+    kept = max(1, round(defaults["query_keep_ratio"].default * (geometry["query_size"] // p) ** 2))
+    tokens = cfg["batch_size"] * (kept + geometry["num_focal"] * (geometry["focal_size"] // p) ** 2)  # student's
+    feats = torch.nn.functional.normalize(torch.randn(tokens, dim, device=device), dim=-1).requires_grad_(True)
+    protos = w.clone().requires_grad_(True)
+    ms = {}
+    for name, fn in (("float32", lambda: feats @ protos.T), ("bfloat16", lambda: Bf16DotFp32.apply(feats, protos))):
+
+        def run(fn=fn) -> None:
+            fn().sum().backward()
+
+        ms[name] = round(_median_ms(run, device, repeats=repeats), 4)
+    out[f"ms_fwd_bwd_{tokens}x{dim}x{count}"] = ms
+    return out
+
+
 def bench_step(
     device: torch.device,
     cfg: dict,
@@ -313,13 +356,15 @@ def bench_step(
     timm_reference: bool = False,
     compile_options: dict | None = None,
     conv_patch_embed: bool = False,
+    module_options: dict | None = None,
 ) -> dict:
     """Images/s of ``steps`` back-to-back steps (one sync at the end), MFU, peak memory; compile time if compiled;
     with ``profile``, where the device time of two more steps goes.
 
     ``compile``: the module's ``compile`` option (False, "blocks" or "all"); ``tf32``: float32 matmuls in TF32 for
     this part; ``guard``: keep the step's non-finite check; ``timm_reference``: time :class:`TimmStep` instead;
-    ``conv_patch_embed``: timm's convolution as the patch embedding instead of our matmul (``ViT.patch_tokens``)."""
+    ``conv_patch_embed``: timm's convolution as the patch embedding instead of our matmul (``ViT.patch_tokens``);
+    ``module_options``: LOCAPretrainModule arguments to change (e.g. ``prototype_precision``)."""
     _memory_reset(device)
     if compile:
         _allow_recompiles()
@@ -335,7 +380,10 @@ def bench_step(
             module, batch, flops = None, None, step.flops()
         else:
             module = build_module(
-                cfg["backbone"], compile=compile, reference_size=cfg["geometry"]["reference_size"], **cfg["module"]
+                cfg["backbone"],
+                compile=compile,
+                reference_size=cfg["geometry"]["reference_size"],
+                **{**cfg["module"], **(module_options or {})},
             ).to(device)
             if not guard:
                 module._guard_nonfinite = lambda out: out["loss"]
@@ -443,6 +491,10 @@ STEP_PARTS: dict[str, dict] = {  # part -> bench_step options (see the module do
     "compiled": dict(compile="blocks"),
     "compiled_all": dict(compile="all"),
     "compiled_all_b2x": dict(compile="all", batch_scale=2),
+    "compiled_all_proto_bf16": dict(compile="all", module_options={"prototype_precision": "bfloat16"}),
+    "compiled_all_proto_bf16_b2x": dict(
+        compile="all", batch_scale=2, module_options={"prototype_precision": "bfloat16"}
+    ),
     "compiled_all_tf32": dict(compile="all", tf32=True),
     "compiled_all_autotune": dict(compile="all", compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "eager_conv": dict(compile=False, conv_patch_embed=True),
@@ -452,8 +504,8 @@ STEP_PARTS: dict[str, dict] = {  # part -> bench_step options (see the module do
     "timm_eager": dict(compile=False, timm_reference=True),
     "timm_compiled": dict(compile="blocks", timm_reference=True),
 }
-OTHER_PARTS = ("attention", "patch_embed", "data")
-DEFAULT_PARTS = "eager,data,compiled,compiled_all"
+OTHER_PARTS = ("attention", "patch_embed", "prototype_precision", "data")
+DEFAULT_PARTS = "eager,data,compiled,compiled_all,compiled_all_proto_bf16"
 
 
 def format_table(result: dict) -> str:
@@ -583,6 +635,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{part}: {result[part]}", flush=True)
             elif part == "patch_embed":
                 result[part] = bench_patch_embed(device, cfg)
+                print(f"{part}: {result[part]}", flush=True)
+            elif part == "prototype_precision":
+                result[part] = bench_prototype_precision(device, cfg)
                 print(f"{part}: {result[part]}", flush=True)
             elif part == "data":
                 result["data"] = bench_data(

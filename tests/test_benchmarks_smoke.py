@@ -108,7 +108,7 @@ def test_release_benchmark_names_a_missing_scenic_folder(tmp_path):
 
 def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     out = tmp_path / "gpu.json"
-    parts = "eager,eager_conv,eager_no_guard,timm_eager,attention,patch_embed,compiled_all"
+    parts = "eager,eager_conv,eager_no_guard,timm_eager,attention,patch_embed,prototype_precision,compiled_all"
     gpu.main(
         ["--device", "cpu", "--tiny", "--no-compile", "--no-data", "--warmup", "1", "--steps", "1", "--profile"]
         + ["--parts", parts, "--out", str(out)]
@@ -124,3 +124,8 @@ def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     assert all(row["default"] > 0 and row["MATH"] > 0 for row in result["attention"].values())
     assert len(result["attention"]) == 4 and len(result["patch_embed"]) == 2
     assert all(row["conv"] > 0 and row["max_abs_diff_bf16"] < 0.1 for row in result["patch_embed"].values())
+    errors = result["prototype_precision"]["max_abs_error"]  # float32 < bf16 inputs < bf16 result, all small
+    assert errors["float32"] < 1e-5 < errors["bfloat16 (bf16 inputs, float32 sums)"] < errors["bf16 result (autocast)"]
+    assert (
+        errors["bf16 result (autocast)"] < 4e-3 and result["prototype_precision"]["bfloat16_kernel_vs_rounding"] < 1e-5
+    )

@@ -26,6 +26,7 @@ def test_print_config_shows_the_released_recipe(capsys):
     assert recipe["reference_keep_ratio"] == pytest.approx(0.2)
     assert round(recipe["query_keep_ratio"] * 196) == 70
     assert recipe["num_prototypes"] == 4096 and recipe["momentum_base"] == pytest.approx(0.996)
+    assert recipe["prototype_precision"] == "bfloat16"  # the release's TPU numerics for the prototype cosines
     assert recipe["optimizer"]["class_path"] == "torch.optim.AdamW"
     views = data["init_args"]["views"]
     assert (views["reference_size"], views["focal_size"], views["num_focal"]) == (224, 96, 9)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
+from loca_lightning.pretrain.heads import Bf16DotFp32, LocationHead, ProjectionHead
 
 DIM, HEADS, POSITIONS = 24, 3, 10
 
@@ -191,3 +191,44 @@ def test_projection_head_zero_bottleneck_gives_zero_not_nan() -> None:
     # zero input and zero biases (the init) give a zero bottleneck vector: F.normalize's eps keeps it finite
     out = _projection_head()(torch.zeros(1, DIM))
     assert torch.equal(out, torch.zeros(1, 32))
+
+
+def test_bf16_dot_rounds_the_inputs_and_keeps_float32_sums_and_gradients() -> None:
+    # Bf16DotFp32 is exactly: round a, b (and in the backward the incoming gradient) to bf16, multiply-add in float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 24, generator=g, requires_grad=True)
+    b = torch.randn(19, 24, generator=g, requires_grad=True)
+    grad_out = torch.randn(37, 19, generator=g)
+    out = Bf16DotFp32.apply(a, b)
+    out.backward(grad_out)
+
+    def r(t: torch.Tensor) -> torch.Tensor:  # bf16 rounding, then exact arithmetic
+        return t.detach().bfloat16().double()
+
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (r(a) @ r(b).T).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.grad, (r(grad_out) @ r(b)).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.grad, (r(grad_out).T @ r(a)).float(), rtol=0, atol=1e-5)
+    # float32 results, not bf16 ones: most values are not representable in bf16
+    assert (out.detach().bfloat16().float() != out.detach()).float().mean() > 0.9
+    # and the inputs really are rounded: not the float32 product
+    assert (out.detach() - a.detach() @ b.detach().T).abs().max() > 1e-4
+
+
+def test_bfloat16_prototype_precision_changes_only_the_rounding_of_the_cosines() -> None:
+    head = _projection_head()
+    bf16 = _projection_head()
+    bf16.prototype_precision = "bfloat16"
+    assert ProjectionHead(DIM, prototype_precision="bfloat16").prototype_precision == "bfloat16"
+    x = torch.randn(3, 5, DIM)
+    exact, rounded = head(x), bf16(x)
+    assert rounded.shape == exact.shape == (3, 5, 32) and rounded.dtype == torch.float32
+    z = F.normalize(head.mlp(x).detach(), dim=-1)
+    expected = z.bfloat16().double() @ head.normalized_prototypes().detach().bfloat16().double().T
+    torch.testing.assert_close(rounded, expected.float(), rtol=0, atol=1e-6)
+    error = (rounded - exact).abs().max()
+    assert 1e-5 < error < 4e-3  # bf16 input rounding: below one bf16 ulp of a cosine near 1
+    (rounded**2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf16.parameters())
+    with pytest.raises(ValueError, match="prototype_precision must be one of"):
+        ProjectionHead(DIM, prototype_precision="float16")

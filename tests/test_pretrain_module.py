@@ -152,7 +152,8 @@ def test_export_backbone_copies_teacher_and_checkpoint_loads_weights_only(tmp_pa
     assert checkpoint["hyper_parameters"]["backbone"] == "vit_test_patch16"
 
 
-def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypatch):
+@pytest.mark.parametrize("prototype_precision", ["float32", "bfloat16"])
+def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypatch, prototype_precision):
     # torch.compile's aot_eager backend traces what inductor would compile (dynamo graphs, autograd) without code
     # generation, so the test checks the plumbing (blocks, heads, losses, Sinkhorn) in seconds.
     monkeypatch.setattr(LOCAPretrainModule, "compile_options", {"backend": "aot_eager"})
@@ -164,8 +165,9 @@ def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypa
     results = []
     for compile in (False, "all"):
         torch.manual_seed(0)
-        model = LOCAPretrainModule(**TINY, compile=compile)
+        model = LOCAPretrainModule(**TINY, compile=compile, prototype_precision=prototype_precision)
         model.configure_model()
+        assert model.teacher.projection.prototype_precision == prototype_precision
         torch.manual_seed(1)  # the same masks
         out = model.training_step(batch, 0)
         out.backward()
@@ -184,3 +186,5 @@ def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypa
 def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="compile must be false, true, 'blocks' or 'all', got 'full'"):
         LOCAPretrainModule(**TINY, compile="full")
+    with pytest.raises(ValueError, match="prototype_precision must be one of"):
+        LOCAPretrainModule(**TINY, apply_cluster_loss=False, prototype_precision="tf32")

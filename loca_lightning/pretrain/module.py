@@ -23,7 +23,7 @@ from loca_lightning.backbones.vit import ViT, release_init_vit_
 from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
-from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
+from loca_lightning.pretrain.heads import PROTOTYPE_PRECISIONS, LocationHead, ProjectionHead
 from loca_lightning.pretrain.losses import (
     clustering_loss,
     location_loss,
@@ -173,6 +173,10 @@ class LOCAPretrainModule(L.LightningModule):
     outside the backbone, memory-bound on [tokens, prototypes] tensors); ``true`` means ``"all"``. On an H100 (ViT-B/16,
     batch 128, bf16) the step ran at 673 images/s eager, 884 with "blocks", 1022 with "all" (benchmarks/README.md).
     ``compile_options`` (a class attribute) is passed to every ``torch.compile`` call.
+
+    ``prototype_precision``: ``"float32"`` (default) computes the prototype cosines in float32; ``"bfloat16"`` rounds
+    their inputs to bfloat16 with float32 sums and result, as the released code's float32 dot products ran on TPUs
+    (:class:`~loca_lightning.pretrain.heads.ProjectionHead`); one bf16 kernel instead of a float32 one on a GPU.
     """
 
     compile_options: dict[str, Any] = {}
@@ -194,6 +198,7 @@ class LOCAPretrainModule(L.LightningModule):
         num_prototypes: int = 4096,
         projection_hidden_dim: int = 2048,
         projection_dim: int = 256,
+        prototype_precision: Literal["float32", "bfloat16"] = "float32",
         teacher_temperature: float = 0.05,
         student_temperature: float = 0.1,
         sinkhorn_iters: int = 3,
@@ -224,6 +229,8 @@ class LOCAPretrainModule(L.LightningModule):
             raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {reference_mask!r}")
         if compile not in (False, True, "blocks", "all"):
             raise ValueError(f"compile must be false, true, 'blocks' or 'all', got {compile!r}")
+        if prototype_precision not in PROTOTYPE_PRECISIONS:
+            raise ValueError(f"prototype_precision must be one of {PROTOTYPE_PRECISIONS}, got {prototype_precision!r}")
 
         vit = build_backbone(backbone, drop_path_rate=drop_path_rate, **(backbone_kwargs or {}))
         if reference_size % vit.patch_size:
@@ -234,7 +241,13 @@ class LOCAPretrainModule(L.LightningModule):
         heads = vit.blocks[0].attn.num_heads
         location_head = LocationHead(vit.embed_dim, heads, self.num_positions, mlp_ratio=vit.timm_config["mlp_ratio"])
         projection = (
-            ProjectionHead(vit.embed_dim, projection_hidden_dim, projection_dim, num_prototypes)
+            ProjectionHead(
+                vit.embed_dim,
+                projection_hidden_dim,
+                projection_dim,
+                num_prototypes,
+                prototype_precision=prototype_precision,
+            )
             if apply_cluster_loss
             else None
         )
