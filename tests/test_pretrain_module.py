@@ -188,3 +188,19 @@ def test_compile_option_is_checked():
         LOCAPretrainModule(**TINY, compile="full")
     with pytest.raises(ValueError, match="prototype_precision must be one of"):
         LOCAPretrainModule(**TINY, apply_cluster_loss=False, prototype_precision="tf32")
+
+
+def test_logged_prototype_perplexity_is_that_of_the_student_query_logits():
+    # the step derives it from the me-max term (exp(-me_max)) instead of a second softmax pass: same number
+    from loca_lightning.pretrain.losses import mean_assignment_perplexity
+
+    torch.manual_seed(0)
+    model = LOCAPretrainModule(**TINY)
+    query_tokens = torch.randn(2, 7, model.student.backbone.embed_dim)
+    keys = torch.randn(2, model.reference_keep, model.student.backbone.embed_dim)
+    targets = torch.softmax(torch.randn(2, model.num_positions, 32), dim=-1)
+    target = torch.randint(-1, model.num_positions, (2, 7))
+    out = model.compute_losses(query_tokens, keys, targets, target)
+    expected = mean_assignment_perplexity(model.student.projection(query_tokens), model.hparams.student_temperature)
+    torch.testing.assert_close(out["prototype_perplexity"], expected, rtol=1e-6, atol=0)
+    assert 1.0 <= out["prototype_perplexity"].item() <= 32.0

@@ -28,7 +28,6 @@ from loca_lightning.pretrain.losses import (
     clustering_loss,
     location_loss,
     me_max_loss,
-    mean_assignment_perplexity,
     sinkhorn_knopp,
 )
 
@@ -125,7 +124,8 @@ def clustering_terms(
     student_logits = projection(query_tokens)  # [B, Q, K] cosines
     cluster = clustering_loss(student_logits, reference_targets, target, temperature, check_range=check_range)
     me_max = me_max_loss(student_logits, temperature)
-    return cluster, me_max, mean_assignment_perplexity(student_logits, temperature)
+    # exp(-me_max) is mean_assignment_perplexity(student_logits, temperature), without a second softmax pass
+    return cluster, me_max, torch.exp(-me_max.detach())
 
 
 class LOCAStudent(nn.Module):
