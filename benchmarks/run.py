@@ -3,6 +3,7 @@
     python benchmarks/run.py --out bench_results/bench.json            # everything (~10 min on 2 cores)
     python benchmarks/run.py --parts step --models vit_small_patch16   # one part, one model
     python benchmarks/run.py --quick                                   # a shorter run (fewer repeats and images)
+    python benchmarks/run.py --parts step --compile                    # also the step with compile: all (inductor)
     python benchmarks/run.py --parts step --release-python /tmp/jaxenv/bin/python --scenic /path/to/scenic
         # adds the authors' JAX step, timed right after ours (set-up: benchmarks/jax_release.py)
 
@@ -54,6 +55,8 @@ def bench_step(
 
     ``keep_memory`` lets glibc keep freed memory (``keep_freed_memory``): large temporaries then stop being
     page-faulted in afresh every step. ``threads`` sets torch's intra-op threads (default: torch's choice).
+    ``module_kwargs`` go to LOCAPretrainModule; with ``compile`` the warmup has two more steps and its time
+    (compilation included) is reported as ``warmup_s``.
     """
     device = torch.device("cpu")
     if keep_memory:
@@ -67,8 +70,12 @@ def bench_step(
     step = TrainStep(module, batch, precision=precision, fused=fused)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     flops = loca_step_flops(module, batch)
+    if module_kwargs.get("compile"):
+        warmup += 2
+    start = time.perf_counter()
     for i in range(warmup):
         step(i)
+    warmup_s = time.perf_counter() - start
     rss_before = peak_rss_mb()
     a = torch.randn(matmul_n, matmul_n, dtype=dtype)
     b = torch.randn(matmul_n, matmul_n, dtype=dtype)
@@ -97,6 +104,8 @@ def bench_step(
         "precision": precision,
         "threads": torch.get_num_threads(),
         "keep_memory": keep_memory,
+        "compile": module_kwargs.get("compile", False),
+        "warmup_s": warmup_s,
         "step_s": step_s,
         "step_s_all": [round(t[0], 4) for t in steps],
         "images_per_s": batch_size / step_s,
@@ -210,6 +219,8 @@ def format_table(results: dict) -> str:
             )
     for step in results.get("step", []):
         malloc = ", malloc keeps freed memory" if step.get("keep_memory") else ""
+        if step.get("compile"):
+            malloc += f", compile: {step['compile']} (warmup {step['warmup_s']:.0f} s)"
         rows.append(
             f"| step | {step['backbone']}, batch {step['batch_size']}, {step['precision']}, "
             f"{step.get('threads', '?')} threads{malloc} | "
@@ -235,7 +246,8 @@ def format_table(results: dict) -> str:
                 f"| step, JAX release | {step['backbone']}, batch {ref['batch']}, {ref['precision']}, "
                 f"{ref['cpu_count']} cores, scenic/projects/loca unmodified | {ref['images_per_second']:.2f} images/s "
                 f"({ref['seconds_per_step_median']:.3f} s/step) | ours {step['precision']}"
-                f"{', malloc keeps freed memory' if step.get('keep_memory') else ''}: "
+                f"{', malloc keeps freed memory' if step.get('keep_memory') else ''}"
+                f"{', compile: ' + str(step['compile']) if step.get('compile') else ''}: "
                 f"{step['images_per_s'] / ref['images_per_second']:.2f}x | n/a | n/a |"
             )
     return "\n".join(rows)
@@ -267,6 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the data part")
     parser.add_argument("--fp32", action="store_true", help="also time the step in float32")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the bf16 step with compile: all (inductor; compilation is part of the untimed warmup)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the step (default: torch's)")
     parser.add_argument(
         "--keep-memory",
@@ -311,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         keep = {"no": [False], "yes": [True], "both": [False, True]}[args.keep_memory]
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             for precision in precisions:
-                for keep_memory in keep:
+                compiles = [False] + (["all"] if args.compile and precision == "bf16-mixed" else [])
+                for keep_memory, compile in [(k, c) for k in keep for c in compiles]:
                     kwargs = dict(
                         backbone=model,
                         batch_size=args.batch_size,
@@ -320,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
                         keep_memory=keep_memory,
                         threads=args.threads,
                     )
+                    if compile:
+                        kwargs["compile"] = compile
                     results["step"].append(run_isolated("bench_step", kwargs, args.wait_quiet))
             if args.release_python:  # right after ours, so that both see the same machine state
                 if args.wait_quiet is not None:

@@ -129,3 +129,19 @@ def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     assert (
         errors["bf16 result (autocast)"] < 4e-3 and result["prototype_precision"]["bfloat16_kernel_vs_rounding"] < 1e-5
     )
+
+
+def test_compiled_step_row(monkeypatch):
+    from loca_lightning.pretrain.module import LOCAPretrainModule
+
+    monkeypatch.setattr(LOCAPretrainModule, "compile_options", {"backend": "aot_eager"})  # tracing without codegen
+    step = run.bench_step(
+        "vit_test_patch16", batch_size=2, warmup=1, repeats=1, geometry=GEOMETRY, matmul_n=64, compile="all", **HEADS
+    )
+    assert step["compile"] == "all" and step["warmup_s"] > 0 and step["images_per_s"] > 0
+    release = {"variant": "Ti/16", "batch": 2, "precision": "float32", "cpu_count": 2, "images_per_second": 1.0,
+               "seconds_per_step_median": 2.0}  # fmt: skip
+    table = run.format_table(
+        {"step": [{**step, "backbone": "vit_tiny_patch16", "peak_rss_mb": 1.0}], "release": [release]}
+    )
+    assert "compile: all (warmup" in table and "ours bf16-mixed, compile: all: " in table
