@@ -227,17 +227,28 @@ def _median_ms(fn: Any, device: torch.device, warmup: int = 3, repeats: int = 20
     return statistics.median(times)
 
 
+_DEFAULTS = inspect.signature(LOCAPretrainModule).parameters  # the module's defaults: keep ratios, head sizes
+
+
+def _step_tokens(cfg: dict) -> dict[str, int]:
+    """Tokens per image of the step at ``cfg``'s geometry: reference, large query (all and kept), one focal query,
+    reference keys of the location head."""
+    g, p = cfg["geometry"], cfg["patch"]
+    ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
+    kept = max(1, round(_DEFAULTS["query_keep_ratio"].default * large))
+    keys = max(1, round(_DEFAULTS["reference_keep_ratio"].default * ref))
+    return dict(reference=ref, large=large, kept=kept, focal=focal, keys=keys)
+
+
 def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
     """Milliseconds of one attention layer (forward, and backward where the step has one) per SDPA backend, at the
     step's shapes, with q, k, v as views of one packed tensor as timm's Attention makes them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = cfg["geometry"]
-    b, p, heads, head_dim = cfg["batch_size"], cfg["patch"], cfg["heads"], cfg["head_dim"]
-    ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
-    defaults = inspect.signature(LOCAPretrainModule).parameters  # the keep ratios the step runs with
-    kept = max(1, round(defaults["query_keep_ratio"].default * large))
-    keys = max(1, round(defaults["reference_keep_ratio"].default * ref))
+    b, heads, head_dim = cfg["batch_size"], cfg["heads"], cfg["head_dim"]
+    t = _step_tokens(cfg)
+    ref, kept, focal, keys = t["reference"], t["kept"], t["focal"], t["keys"]
     shapes = {  # name: (sequences, query tokens, key tokens, backward?)
         f"teacher_{ref}_no_grad": (b, ref, ref, False),
         f"large_query_{kept}": (b, kept, kept, True),
@@ -309,8 +320,7 @@ def bench_prototype_precision(device: torch.device, cfg: dict, repeats: int = 20
     ``prototype_precision``: largest error against float64, the device kernel against the bf16 rounding it stands
     for (:class:`Bf16DotFp32`), and milliseconds of forward + backward."""
     g = torch.Generator().manual_seed(0)
-    defaults = inspect.signature(LOCAPretrainModule).parameters  # the released head: 256-d, 4096 prototypes
-    dim, count = defaults["projection_dim"].default, defaults["num_prototypes"].default
+    dim, count = _DEFAULTS["projection_dim"].default, _DEFAULTS["num_prototypes"].default  # released: 256, 4096
     z = torch.nn.functional.normalize(torch.randn(count, dim, generator=g), dim=-1)
     w = torch.nn.functional.normalize(torch.randn(count, dim, generator=g), dim=-1)
     w[: count // 64] = torch.nn.functional.normalize(z[: count // 64] + 0.05 * w[: count // 64], dim=-1)  # cos ~1
@@ -326,9 +336,8 @@ def bench_prototype_precision(device: torch.device, cfg: dict, repeats: int = 20
         },
         "bfloat16_kernel_vs_rounding": float((bf16 - rounded).abs().max()),
     }
-    geometry, p = cfg["geometry"], cfg["patch"]
-    kept = max(1, round(defaults["query_keep_ratio"].default * (geometry["query_size"] // p) ** 2))
-    tokens = cfg["batch_size"] * (kept + geometry["num_focal"] * (geometry["focal_size"] // p) ** 2)  # student's
+    t = _step_tokens(cfg)
+    tokens = cfg["batch_size"] * (t["kept"] + cfg["geometry"]["num_focal"] * t["focal"])  # the student's queries
     feats = torch.nn.functional.normalize(torch.randn(tokens, dim, device=device), dim=-1).requires_grad_(True)
     protos = w.clone().requires_grad_(True)
     ms = {}

@@ -17,6 +17,14 @@ from loca_lightning.backbones.vit import attention_kernel
 
 _LN_EPS = 1e-6  # as timm's ViT and the released JAX code (flax's default)
 PROTOTYPE_PRECISIONS = ("float32", "bfloat16")
+
+
+def check_prototype_precision(value: str) -> None:
+    """Raise ValueError unless ``value`` is one of :data:`PROTOTYPE_PRECISIONS`."""
+    if value not in PROTOTYPE_PRECISIONS:
+        raise ValueError(f"prototype_precision must be one of {PROTOTYPE_PRECISIONS}, got {value!r}")
+
+
 # torch >= 2.9 multiplies bf16 matrices into a float32 result on CUDA in one kernel (aten::mm.dtype)
 _CUDA_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
@@ -164,8 +172,7 @@ class ProjectionHead(nn.Module):
         prototype_precision: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         super().__init__()
-        if prototype_precision not in PROTOTYPE_PRECISIONS:
-            raise ValueError(f"prototype_precision must be one of {PROTOTYPE_PRECISIONS}, got {prototype_precision!r}")
+        check_prototype_precision(prototype_precision)
         self.prototype_precision = prototype_precision
         if num_layers < 1:
             raise ValueError(

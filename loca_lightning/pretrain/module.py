@@ -23,7 +23,7 @@ from loca_lightning.backbones.vit import ViT, release_init_vit_
 from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
-from loca_lightning.pretrain.heads import PROTOTYPE_PRECISIONS, LocationHead, ProjectionHead
+from loca_lightning.pretrain.heads import LocationHead, ProjectionHead, check_prototype_precision
 from loca_lightning.pretrain.losses import (
     clustering_loss,
     location_loss,
@@ -229,8 +229,7 @@ class LOCAPretrainModule(L.LightningModule):
             raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {reference_mask!r}")
         if compile not in (False, True, "blocks", "all"):
             raise ValueError(f"compile must be false, true, 'blocks' or 'all', got {compile!r}")
-        if prototype_precision not in PROTOTYPE_PRECISIONS:
-            raise ValueError(f"prototype_precision must be one of {PROTOTYPE_PRECISIONS}, got {prototype_precision!r}")
+        check_prototype_precision(prototype_precision)  # here too: the location-only variant has no projection
 
         vit = build_backbone(backbone, drop_path_rate=drop_path_rate, **(backbone_kwargs or {}))
         if reference_size % vit.patch_size:
