@@ -337,9 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
                         precision=precision,
                         keep_memory=keep_memory,
                         threads=args.threads,
+                        compile=compile,
                     )
-                    if compile:
-                        kwargs["compile"] = compile
                     results["step"].append(run_isolated("bench_step", kwargs, args.wait_quiet))
             if args.release_python:  # right after ours, so that both see the same machine state
                 if args.wait_quiet is not None:
