@@ -14,6 +14,7 @@ from loca_lightning.backbones import (
     timm_create_model_call,
 )
 from loca_lightning.backbones.checkpoints import timm_model_kwargs
+from loca_lightning.backbones.vit import attention
 
 
 @pytest.fixture(autouse=True)
@@ -205,3 +206,57 @@ def test_patch_embedding_as_a_matmul_equals_timms_convolution(name, size):
     grad_conv = torch.autograd.grad(reference.square().sum(), weight)[0]
     torch.testing.assert_close(grad_mm, grad_conv, rtol=1e-4, atol=1e-4)
     assert grad_mm.abs().max() > 1e-2  # a real gradient, not two zeros
+
+
+def test_attention_under_autograd_equals_sdpa_in_float64():
+    # the CPU training path (plain matmuls) computes the same function as SDPA, values and gradients
+    q, k, v = (torch.randn(3, 4, n, 16, dtype=torch.float64, requires_grad=True) for n in (7, 11, 11))
+    out = attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    with torch.no_grad():
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert torch.equal(attention(q, k, v), reference)  # without gradients: SDPA itself
+    ref_grads = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v).square().sum(), (q, k, v))
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_under_bf16_autocast_keeps_float32_logits():
+    # bf16 q, k, v: float32 logits and softmax (the numerics of flash kernels), so the error against float64 stays
+    # that of SDPA's float32 math kernel, well below what bf16 logits (timm's unfused path under autocast) give
+    gen = torch.Generator().manual_seed(0)
+    exact = [torch.randn(8, 6, 70, 64, generator=gen, dtype=torch.float64) * 1.5 for _ in range(3)]
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in exact)
+    reference = torch.nn.functional.scaled_dot_product_attention(*(x.detach().double() for x in (q, k, v)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+        bf16_logits = ((q * 64**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+    assert out.dtype == torch.bfloat16
+    error = (out.double() - reference).abs().max().item()
+    bf16_error = (bf16_logits.double() - reference).abs().max().item()
+    math_error = (
+        (
+            torch.nn.functional.scaled_dot_product_attention(*(x.float() for x in (q, k, v))).bfloat16().double()
+            - reference
+        )
+        .abs()
+        .max()
+        .item()
+    )
+    assert error < 2 * math_error and error < 0.5 * bf16_error, (error, math_error, bf16_error)
+
+
+def test_self_attention_is_timms_attention_with_its_state_dict():
+    model = build_backbone("vit_test_patch16")
+    name, kwargs = timm_model_kwargs(model)
+    timm_model = timm.create_model(name, pretrained=False, **kwargs)
+    assert list(model.blocks[0].attn.state_dict()) == list(timm_model.blocks[0].attn.state_dict())
+    model.load_state_dict(export_timm_state_dict(timm_model.double()), strict=False)
+    model.double()
+    x = torch.randn(2, 9, model.embed_dim, dtype=torch.float64)
+    for grad in (True, False):  # both paths: plain matmuls with gradients, SDPA without
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(model.blocks[0].attn(x), timm_model.blocks[0].attn(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.blocks[0].attn(x, attn_mask=torch.ones(9, 9, dtype=torch.bool))

@@ -3,14 +3,13 @@
 Only the embedding step differs from timm: the positional table is resized to whatever grid the input has
 (bilinear, antialiased when shrinking), the caller may keep a subset of tokens (after positional embeddings,
 before the blocks, as LOCA's large query does), and may skip positional embeddings altogether (LOCA's
-location-only variant). Attention, blocks, drop path and weight init are timm's. The state dict is timm's own,
+location-only variant). Blocks, drop path and weight init are timm's; attention is timm's module and math, with
+its kernel chosen by :func:`attention` (faster on the CPU when training). The state dict is timm's own,
 so ``timm.create_model(..., class_token=False, global_pool="avg", fc_norm=False, num_classes=0)`` loads it strictly.
 """
 
 from __future__ import annotations
 
-import functools
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -18,24 +17,53 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
-def attention_kernel(x: Tensor) -> AbstractContextManager:
-    """SDPA kernel for attention over ``x``: the math kernel when training on the CPU, torch's own choice otherwise.
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` for ``q [B, H, Nq, hd]``, ``k, v [B, H, Nk, hd]``.
 
-    On the CPU, the flash kernel's backward is about 2-3x slower than the math kernel's at ViT sequence lengths
-    (36-394 tokens), with the same accuracy; without gradients the flash kernel is the faster one
-    (benchmarks/README.md).
+    On the CPU under autograd: logits and softmax in float32 (float64 stays float64) with autocast off, the
+    probabilities cast to ``v``'s dtype for the product with ``v``: the numerics of flash-attention kernels, as plain
+    matmuls. There, under bf16 autocast, SDPA's flash kernel has a slow backward at ViT sequence lengths and its math
+    kernel upcasts q, k, v and both products to float32; this is faster than either (benchmarks/README.md).
+    Elsewhere (GPUs, or no gradients) ``F.scaled_dot_product_attention`` with torch's kernel choice.
     """
-    if x.device.type == "cpu" and torch.is_grad_enabled():
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast("cpu", enabled=False):
+        logits = (q.to(compute) * q.shape[-1] ** -0.5) @ k.to(compute).transpose(-2, -1)  # [B, H, Nq, Nk]
+        probs = F.dropout(logits.softmax(dim=-1), dropout_p) if dropout_p > 0 else logits.softmax(dim=-1)
+        return probs.to(v.dtype) @ v
 
 
-def _checkpoint_contexts(x: Tensor) -> tuple[AbstractContextManager, AbstractContextManager]:
-    return attention_kernel(x), attention_kernel(x)  # forward, recomputation
+class SelfAttention(nn.Module):
+    """timm's ``Attention`` computed with :func:`attention`: built from a timm module, whose submodules it takes
+    over (same names, so the state dict is timm's), with timm's forward (qkv, optional q/k norms, attention, optional
+    norm, proj, dropouts). Gated attention (timm's ``gated=True``) is not supported."""
+
+    def __init__(self, timm_attention: nn.Module) -> None:
+        super().__init__()
+        if getattr(timm_attention, "gate", None) is not None:
+            raise ValueError("SelfAttention does not support timm's gated attention")
+        self.num_heads: int = timm_attention.num_heads
+        self.head_dim: int = timm_attention.head_dim
+        self.scale: float = self.head_dim**-0.5  # as timm's (the attention maps of visualize.py use it)
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+            module = getattr(timm_attention, name, None)  # older timm versions have no post-attention norm
+            setattr(self, name, nn.Identity() if module is None else module)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("SelfAttention is full bidirectional attention: no attn_mask, no is_causal")
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return self.proj_drop(self.proj(x))
 
 
 class TensorDropPath(DropPath):
@@ -144,6 +172,8 @@ class ViT(VisionTransformer):
             **timm_kwargs,
         )
         self.patch_embed.strict_img_size = False  # any multiple of the patch size; the grid follows the input
+        for block in self.blocks:  # timm's attention with a faster kernel choice when training on the CPU
+            block.attn = SelfAttention(block.attn)
         if drop_path_rate > 0:  # every block the same module types (rate 0 multiplies by exactly 1): one compiled
             for block in self.blocks:  # graph serves all blocks; no state-dict change
                 for name in ("drop_path1", "drop_path2"):
@@ -233,14 +263,11 @@ class ViT(VisionTransformer):
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Run already embedded tokens ``[B, N, D]`` through the blocks and the final norm."""
-        with attention_kernel(x):
-            for block in self.blocks:
-                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                    # the recomputation in the backward pass must use the same kernel as the forward
-                    contexts = functools.partial(_checkpoint_contexts, x)
-                    x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
-                else:
-                    x = block(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.norm(x)
 
     def forward_features(  # type: ignore[override]

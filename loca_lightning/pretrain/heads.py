@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from loca_lightning.backbones.vit import attention_kernel
+from loca_lightning.backbones.vit import attention
 
 _LN_EPS = 1e-6  # as timm's ViT and the released JAX code (flax's default)
 PROTOTYPE_PRECISIONS = ("float32", "bfloat16")
@@ -88,8 +88,7 @@ class CrossAttention(nn.Module):
         q = self.q(query).reshape(b, nq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, Q, hd]
         kv = self.kv(context).reshape(b, nr, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # [B, H, R, hd] each
-        with attention_kernel(q):
-            out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, hd]
+        out = attention(q, k, v)  # [B, H, Q, hd]
         return self.proj(out.transpose(1, 2).reshape(b, nq, d))
 
 
