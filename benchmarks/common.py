@@ -72,17 +72,18 @@ def projection_forward_flops(tokens: int, dim: int, hidden: int, bottleneck: int
 
 
 def location_head_flops(queries: int, keys: int, dim: int, mlp_hidden: int, positions: int) -> tuple[int, int]:
-    """(forward, backward) matmul FLOPs of the location head for one image; the keys' own gradient is not needed."""
+    """(forward, backward) matmul FLOPs of the location head for one image. Backward = 2 x forward: even the kv
+    projection of the (gradient-free) teacher keys needs its input gradient, for the keys' LayerNorm parameters."""
     kv = 2 * keys * dim * 2 * dim
     rest = 2 * queries * (dim * dim * 2 + 2 * dim * mlp_hidden + dim * positions) + 2 * 2 * queries * keys * dim
-    return kv + rest, kv + 2 * rest  # the kv projection of teacher keys: weight gradient only
+    return kv + rest, 2 * (kv + rest)
 
 
 def loca_step_flops(module: LOCAPretrainModule, batch: dict[str, Tensor]) -> dict[str, int]:
     """Analytic matmul FLOPs of one training step on ``batch`` (see benchmarks/README.md for the rules).
 
     2 FLOPs per multiply-add; matmuls and convolutions only (norms, softmax, losses, optimizer and EMA are not
-    counted); backward = 2 x forward except where an input gradient is not needed (images, teacher keys).
+    counted); backward = 2 x forward except where an input gradient is not needed (the images).
     """
     hp = module.hparams
     vit = module.student.backbone
