@@ -232,18 +232,13 @@ def test_attention_under_bf16_autocast_keeps_float32_logits():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention(q, k, v)
         bf16_logits = ((q * 64**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+    math_kernel = torch.nn.functional.scaled_dot_product_attention(*(x.float() for x in (q, k, v))).bfloat16()
     assert out.dtype == torch.bfloat16
-    error = (out.double() - reference).abs().max().item()
-    bf16_error = (bf16_logits.double() - reference).abs().max().item()
-    math_error = (
-        (
-            torch.nn.functional.scaled_dot_product_attention(*(x.float() for x in (q, k, v))).bfloat16().double()
-            - reference
-        )
-        .abs()
-        .max()
-        .item()
-    )
+
+    def max_error(x: torch.Tensor) -> float:
+        return (x.double() - reference).abs().max().item()
+
+    error, math_error, bf16_error = max_error(out), max_error(math_kernel), max_error(bf16_logits)
     assert error < 2 * math_error and error < 0.5 * bf16_error, (error, math_error, bf16_error)
 
 

@@ -34,7 +34,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
     compute = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast("cpu", enabled=False):
         logits = (q.to(compute) * q.shape[-1] ** -0.5) @ k.to(compute).transpose(-2, -1)  # [B, H, Nq, Nk]
-        probs = F.dropout(logits.softmax(dim=-1), dropout_p) if dropout_p > 0 else logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
         return probs.to(v.dtype) @ v
 
 
