@@ -232,12 +232,13 @@ _DEFAULTS = inspect.signature(LOCAPretrainModule).parameters  # the module's def
 
 def _step_tokens(cfg: dict) -> dict[str, int]:
     """Tokens per image of the step at ``cfg``'s geometry: reference, large query (all and kept), one focal query,
-    reference keys of the location head."""
+    all of the student's query tokens (kept large + focal), reference keys of the location head."""
     g, p = cfg["geometry"], cfg["patch"]
     ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
     kept = max(1, round(_DEFAULTS["query_keep_ratio"].default * large))
     keys = max(1, round(_DEFAULTS["reference_keep_ratio"].default * ref))
-    return dict(reference=ref, large=large, kept=kept, focal=focal, keys=keys)
+    queries = kept + g["num_focal"] * focal
+    return dict(reference=ref, large=large, kept=kept, focal=focal, queries=queries, keys=keys)
 
 
 def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
@@ -248,12 +249,12 @@ def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
     g = cfg["geometry"]
     b, heads, head_dim = cfg["batch_size"], cfg["heads"], cfg["head_dim"]
     t = _step_tokens(cfg)
-    ref, kept, focal, keys = t["reference"], t["kept"], t["focal"], t["keys"]
+    ref, kept, focal, queries, keys = t["reference"], t["kept"], t["focal"], t["queries"], t["keys"]
     shapes = {  # name: (sequences, query tokens, key tokens, backward?)
         f"teacher_{ref}_no_grad": (b, ref, ref, False),
         f"large_query_{kept}": (b, kept, kept, True),
         f"focal_{focal}": (b * g["num_focal"], focal, focal, True),
-        f"location_head_{kept + g['num_focal'] * focal}x{keys}": (b, kept + g["num_focal"] * focal, keys, True),
+        f"location_head_{queries}x{keys}": (b, queries, keys, True),
     }
     backends = {"default": None, **{k.name: k for k in (
         SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
@@ -336,8 +337,7 @@ def bench_prototype_precision(device: torch.device, cfg: dict, repeats: int = 20
         },
         "bfloat16_kernel_vs_rounding": float((bf16 - rounded).abs().max()),
     }
-    t = _step_tokens(cfg)
-    tokens = cfg["batch_size"] * (t["kept"] + cfg["geometry"]["num_focal"] * t["focal"])  # the student's queries
+    tokens = cfg["batch_size"] * _step_tokens(cfg)["queries"]  # the student's query tokens
     feats = torch.nn.functional.normalize(torch.randn(tokens, dim, device=device), dim=-1).requires_grad_(True)
     protos = w.clone().requires_grad_(True)
     ms = {}
