@@ -1,4 +1,4 @@
-"""Checkpoint helpers: atomic writes, random-number state for exact resume, and hyperparameter diffs on load."""
+"""Checkpoint helpers: atomic writes and hyperparameter diffs on load (random-number state: ``loca_lightning.rng``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-RNG_KEY = "loca_rng_state"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,28 +40,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-
-def capture_rng_state(generators: Mapping[str, torch.Generator | None] | None = None) -> dict[str, Any]:
-    """The global torch CPU (and CUDA) RNG state plus the states of named generators, for a checkpoint."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    for name, generator in (generators or {}).items():
-        if generator is not None:
-            state[f"generator/{name}"] = generator.get_state()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Restore the global RNG states saved by :func:`capture_rng_state`; return the named generators' states."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    prefix = "generator/"
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def hparam_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

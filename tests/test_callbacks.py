@@ -14,7 +14,7 @@ from _fake_loca import FakeLOCADataModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from loca_lightning import callbacks as callbacks_module
+from loca_lightning import rng as rng_module
 from loca_lightning.callbacks import LOCAImageLogger, OnlineDenseProbe, SegmentationImageLogger, mask_palette
 from loca_lightning.cli import LOCACLI
 from loca_lightning.data.segmentation import SegmentationDataModule
@@ -81,7 +81,7 @@ def test_image_logger_runs_no_forward_between_logging_steps(tmp_path):
 def test_without_its_own_rng_the_probe_would_change_training(tmp_path, monkeypatch):
     # Negative control: the equality test above is sensitive (the probe's shuffling draws from torch's RNG).
     plain = _pretrain(tmp_path / "plain", [])
-    monkeypatch.setattr(callbacks_module._OwnRNG, "active", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(rng_module.OwnRNG, "active", lambda self: contextlib.nullcontext())
     leaky = _pretrain(tmp_path / "leaky", [OnlineDenseProbe(datamodule=_probe_data(), every_n_steps=2, val_batches=1)])
     assert not torch.equal(plain.student.backbone.pos_embed, leaky.student.backbone.pos_embed)
 
@@ -184,3 +184,5 @@ def test_bad_arguments_are_named():
         OnlineDenseProbe(val_batches=0)
     with pytest.raises(ValueError, match="OnlineDenseProbe data"):
         OnlineDenseProbe(data={"crop_sise": 32})
+    with pytest.raises(ValueError, match="needs its labelled data"):
+        OnlineDenseProbe()  # no silent fallback to some default dataset

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.vit import ViT, release_init_vit_
-from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
+from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, ema_momentum, ema_update, param_groups, warmup_cosine
 from loca_lightning.pretrain.heads import LocationHead, ProjectionHead, check_prototype_precision
@@ -30,6 +30,7 @@ from loca_lightning.pretrain.losses import (
     me_max_loss,
     sinkhorn_knopp,
 )
+from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 

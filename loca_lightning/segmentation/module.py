@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
 from loca_lightning.backbones.vit import release_init_vit_
-from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
+from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
+from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.segmentation.decoders import build_decoder
 from loca_lightning.segmentation.inference import SegmentationInference
 from loca_lightning.segmentation.metrics import SegmentationMetric, format_class_table

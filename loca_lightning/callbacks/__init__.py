@@ -1,0 +1,24 @@
+"""The project's Lightning callbacks: writing ``loca predict`` masks, TensorBoard image loggers, an online dense probe.
+
+Configs name them by these paths (``loca_lightning.callbacks.LOCAImageLogger``); each lives in a module of its own.
+"""
+
+from loca_lightning.callbacks.images import LOCAImageLogger, PeriodicImageLogger, SegmentationImageLogger
+from loca_lightning.callbacks.prediction import (
+    SegmentationPredictionWriter,
+    indexed_png,
+    mask_palette,
+    overlay_image,
+)
+from loca_lightning.callbacks.probe import OnlineDenseProbe
+
+__all__ = [
+    "LOCAImageLogger",
+    "OnlineDenseProbe",
+    "PeriodicImageLogger",
+    "SegmentationImageLogger",
+    "SegmentationPredictionWriter",
+    "indexed_png",
+    "mask_palette",
+    "overlay_image",
+]

@@ -1,0 +1,103 @@
+"""Random-number state: capture and restore every stream training draws from, and run side work on streams of its own.
+
+The streams are torch's CPU generator (drop path, dropout), CUDA's where initialised, numpy's and Python's global
+generators, and any named ``torch.Generator`` a module owns (LOCA's token masks). States are stored as tensors and
+plain Python values, so a checkpoint holding them still loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+RNG_KEY = "loca_rng_state"  # where modules keep the state in a checkpoint
+_GENERATOR = "generator/"
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+
+
+def _set_numpy_state(state: Mapping[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _set_python_state(state: Mapping[str, Any]) -> None:
+    random.setstate((state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"]))
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator | None] | None = None) -> dict[str, Any]:
+    """The global torch CPU (and CUDA, where initialised), numpy and Python states plus those of named generators."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for name, generator in (generators or {}).items():
+        if generator is not None:
+            state[_GENERATOR + name] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Restore the global states saved by :func:`capture_rng_state` (those present); return the named generators'."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        _set_numpy_state(state["numpy"])
+    if "python" in state:
+        _set_python_state(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return {key[len(_GENERATOR) :]: value for key, value in state.items() if key.startswith(_GENERATOR)}
+
+
+class OwnRNG:
+    """Streams of one's own for side work (a probe, image logging): inside :meth:`active` the global torch CPU, numpy
+    and Python generators are this object's; on exit they are saved for next time and training's are put back, so
+    training draws exactly the numbers it would have drawn without the side work. CUDA's stream is never swapped
+    (reseeding it would initialise CUDA); side work on a GPU restores it with ``torch.random.fork_rng``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        # Fresh generators, not torch.manual_seed: that would also (lazily) reseed CUDA, which training uses.
+        with isolated_rng():
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            self.state = {**_cpu_state(), "torch": torch.Generator().manual_seed(seed).get_state()}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Swap this object's states in for the duration of the block."""
+        saved = _cpu_state()
+        restore_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = _cpu_state()
+            restore_rng_state(saved)
+
+
+def _cpu_state() -> dict[str, Any]:
+    return {k: v for k, v in capture_rng_state().items() if k != "cuda"}
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Whatever the block draws from the global CPU streams (torch, numpy, Python), they are as before afterwards."""
+    saved = _cpu_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
