@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from loca_lightning.optim import ema_update, param_groups
-from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.masks import query_keep_count
+from loca_lightning.pretrain.networks import QKV_BIASES, LOCAPretrainModule
 
 # The released geometry (docs/loca-spec.md section 1): 224 px reference and large query, nine 96 px focal queries.
 RELEASED = dict(reference_size=224, query_size=224, focal_size=96, num_focal=9)
@@ -92,7 +93,7 @@ def loca_step_flops(module: LOCAPretrainModule, batch: dict[str, Tensor]) -> dic
     b = batch["reference"].shape[0]
     ref_tokens = (batch["reference"].shape[-1] // patch) ** 2
     large_tokens = (batch["query_large"].shape[-1] // patch) ** 2
-    large_kept = max(1, round(hp.query_keep_ratio * large_tokens))
+    large_kept = query_keep_count(hp.query_keep, large_tokens)
     num_focal, focal_tokens = batch["query_focal"].shape[1], (batch["query_focal"].shape[-1] // patch) ** 2
     queries = large_kept + num_focal * focal_tokens
     embed = 2 * 3 * patch * patch * dim
@@ -198,7 +199,7 @@ class TrainStep:
             raise ValueError(f"precision must be 'bf16-mixed' or '32', got {precision!r}")
         self.module, self.batch, self.precision, self.clip = module, batch, precision, clip
         self.device = batch["reference"].device
-        groups = param_groups(module.student, module.hparams.weight_decay)
+        groups = param_groups(module.student, module.hparams.weight_decay, decay_suffixes=QKV_BIASES)
         for group in groups:
             group.pop("names")
         kind = {"fused": True} if fused else {"foreach": True}

@@ -69,6 +69,7 @@ from common import (  # noqa: E402
 
 from loca_lightning.backbones.vit import ViT  # noqa: E402
 from loca_lightning.pretrain.heads import Bf16DotFp32  # noqa: E402
+from loca_lightning.pretrain.masks import query_keep_count, reference_keep_count  # noqa: E402
 from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 
 TINY = dict(
@@ -235,8 +236,8 @@ def _step_tokens(cfg: dict) -> dict[str, int]:
     all of the student's query tokens (kept large + focal), reference keys of the location head."""
     g, p = cfg["geometry"], cfg["patch"]
     ref, large, focal = (g["reference_size"] // p) ** 2, (g["query_size"] // p) ** 2, (g["focal_size"] // p) ** 2
-    kept = max(1, round(_DEFAULTS["query_keep_ratio"].default * large))
-    keys = max(1, round(_DEFAULTS["reference_keep_ratio"].default * ref))
+    kept = query_keep_count(_DEFAULTS["query_keep"].default, large)
+    keys = reference_keep_count(_DEFAULTS["reference_keep_ratio"].default, ref)
     queries = kept + g["num_focal"] * focal
     return dict(reference=ref, large=large, kept=kept, focal=focal, queries=queries, keys=keys)
 
@@ -394,8 +395,7 @@ def bench_step(
                 reference_size=cfg["geometry"]["reference_size"],
                 **{**cfg["module"], **(module_options or {})},
             ).to(device)
-            if not guard:
-                module._guard_nonfinite = lambda out: out["loss"]
+            module.nonfinite.enabled = guard  # off: the step without its host sync
             batch = synthetic_batch(batch_size, device, **cfg["geometry"])
             step = TrainStep(module, batch, precision="bf16-mixed", fused=True)
             flops = loca_step_flops(module, batch)["total"]

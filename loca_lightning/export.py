@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,16 @@ import torch
 from loca_lightning.backbones import build_backbone, export_timm_state_dict, load_backbone_weights
 from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
 from loca_lightning.backbones.vit import ViT
+
+
+def export_backbone(module: Any, which: str = "teacher") -> ViT:
+    """A standalone copy (eval mode, on the CPU, trainable) of a LOCAPretrainModule's teacher or student backbone."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if which == "teacher" and module.teacher is None:
+        raise ValueError("this run has no teacher (apply_cluster_loss: false); export which='student'")
+    source = module.teacher.backbone if which == "teacher" else module.student.backbone
+    return copy.deepcopy(source).cpu().eval().requires_grad_(True)
 
 
 def backbone_from_checkpoint(checkpoint: Mapping[str, Any], which: str = "teacher") -> ViT:
@@ -38,8 +49,9 @@ def default_weights(checkpoint: Mapping[str, Any]) -> str:
     return "teacher" if any(str(k).startswith(("teacher.backbone.", "teacher_backbone.")) for k in state) else "student"
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, which: str | None = None, force: bool = False,
-                      trust: bool = False) -> str:
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, which: str | None = None, force: bool = False, trust: bool = False
+) -> str:
     """Write ``out`` (timm state dict) and ``out`` + ``.json`` (config); return the ``timm.create_model`` call.
 
     ``which=None`` exports the teacher of a pretraining checkpoint and the backbone of a segmentation checkpoint.
@@ -68,12 +80,19 @@ def export_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="loca export", description=__doc__)
     parser.add_argument("ckpt", help="a loca-lightning checkpoint (.ckpt)")
     parser.add_argument("out", help="output file for the timm state dict (.pth)")
-    parser.add_argument("--weights", choices=["teacher", "student"], default=None,
-                        help="which pretraining network to export (default: the teacher when there is one, "
-                        "else the checkpoint's only backbone)")
+    parser.add_argument(
+        "--weights",
+        choices=["teacher", "student"],
+        default=None,
+        help="which pretraining network to export (default: the teacher when there is one, "
+        "else the checkpoint's only backbone)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
-    parser.add_argument("--trust", action="store_true",
-                        help="allow full unpickling of the checkpoint (only for files you made yourself)")
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow full unpickling of the checkpoint (only for files you made yourself)",
+    )
     args = parser.parse_args(list(argv))
     try:
         call = export_checkpoint(args.ckpt, args.out, args.weights, args.force, args.trust)

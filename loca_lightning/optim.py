@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-# LightningCLI injects these: `optimizer: OptimizerCallable = AdamW` lets a config choose the class and its arguments
-# while the module builds parameter groups itself.
-OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_ratio: float = 0.01) -> float:
@@ -60,18 +60,22 @@ def param_groups(
     layer_decay: float | None = None,
     num_layers: int | None = None,
     layer_id: Callable[[str], int] | None = None,
+    decay_suffixes: Iterable[str] = (),
 ) -> list[dict]:
-    """Optimizer parameter groups: no weight decay on 1-D parameters (biases, norms) nor on ``no_decay_names``;
-    optional layer-wise lr decay (``lr_scale = layer_decay ** (num_layers + 1 - layer_id(name))``).
+    """Optimizer parameter groups: no weight decay on 1-D parameters (biases, norms) nor on ``no_decay_names``,
+    except the 1-D parameters whose names end with one of ``decay_suffixes``; optional layer-wise lr decay
+    (``lr_scale = layer_decay ** (num_layers + 1 - layer_id(name))``).
 
     Frozen parameters (``requires_grad=False``) are left out.
     """
     exclude = set(no_decay_names)
+    suffixes = tuple(decay_suffixes)
     groups: dict[tuple[bool, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim > 1 and name not in exclude and name.rsplit(".", 1)[-1] not in exclude
+        shaped = param.ndim > 1 or (bool(suffixes) and name.endswith(suffixes))
+        decay = shaped and name not in exclude and name.rsplit(".", 1)[-1] not in exclude
         layer = 0
         scale = 1.0
         if layer_decay is not None:
@@ -101,10 +105,12 @@ def vit_layer_id(name: str, num_layers: int, backbone_prefix: str = "backbone.")
 
 
 class SegmenterSGD(torch.optim.SGD):
-    """SGD with Segmenter's defaults (lr 1e-3, momentum 0.9, no weight decay), so configs can name it plainly."""
+    """SGD with Segmenter's defaults (lr 1e-3, momentum 0.9, no weight decay): SegmentationFinetuneModule's default
+    optimizer (torch's SGD has no momentum by default)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
-                 **kwargs) -> None:
+    def __init__(
+        self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 
@@ -116,3 +122,48 @@ class LambdaLR(torch.optim.lr_scheduler.LambdaLR):
             base_lr * lmbda(self.last_epoch) * group.get("lr_scale", 1.0)
             for lmbda, base_lr, group in zip(self.lr_lambdas, self.base_lrs, self.optimizer.param_groups)
         ]
+
+
+def global_batch_size(trainer: Any) -> int:
+    """Samples per optimizer step over all processes: per-device batch x devices x nodes x gradient accumulation.
+
+    The per-device batch is the DataModule's ``batch_size`` attribute, else the train loader's.
+    """
+    per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if per_device is None:
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    if per_device is None:
+        raise ValueError("cannot tell the per-device batch size: give the DataModule a batch_size attribute")
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def steps_per_epoch(trainer: Any, total_steps: int) -> float:
+    """Optimizer steps in one epoch (for a warmup given in epochs); ``total_steps / max_epochs`` for an endless loader."""
+    batches = trainer.num_training_batches
+    if batches is None or batches == float("inf"):
+        return float(total_steps) / max(1, trainer.max_epochs or 1)
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def warmup_cosine_optimization(
+    trainer: Any,
+    groups: list[dict],
+    optimizer_factory: Callable[[Iterable], torch.optim.Optimizer],
+    base_lr: float,
+    reference_batch: int,
+    warmup_epochs: float,
+    final_ratio: float,
+) -> tuple[dict[str, Any], int]:
+    """Optimizer and per-step scheduler (Lightning's ``configure_optimizers`` format) for the LOCA recipe, and the
+    number of optimizer steps: peak lr ``base_lr * global batch / reference_batch``, linear warmup over
+    ``warmup_epochs`` from 0, cosine to ``final_ratio * peak``. The factory's own lr default never wins."""
+    total = max(1, int(trainer.estimated_stepping_batches))
+    batch = global_batch_size(trainer)
+    peak_lr = base_lr * batch / reference_batch
+    warmup = int(round(warmup_epochs * steps_per_epoch(trainer, total)))
+    optimizer = optimizer_factory([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr
+    scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, final_ratio))
+    log.info("global batch %d, peak lr %.3g, %d steps (%d warmup)", batch, peak_lr, total, warmup)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}, total

@@ -39,14 +39,15 @@ def _set_python_state(state: Mapping[str, Any]) -> None:
     random.setstate((state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"]))
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator | None] | None = None) -> dict[str, Any]:
-    """The global torch CPU (and CUDA, where initialised), numpy and Python states plus those of named generators."""
+def capture_rng_state(generators: Mapping[str, torch.Generator | torch.Tensor | None] | None = None) -> dict[str, Any]:
+    """The global torch CPU (and CUDA, where initialised), numpy and Python states plus those of named generators
+    (a generator, or its state as a tensor; None is left out)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     for name, generator in (generators or {}).items():
         if generator is not None:
-            state[_GENERATOR + name] = generator.get_state()
+            state[_GENERATOR + name] = generator.get_state() if isinstance(generator, torch.Generator) else generator
     return state
 
 

@@ -255,3 +255,59 @@ def test_self_attention_is_timms_attention_with_its_state_dict():
             torch.testing.assert_close(model.blocks[0].attn(x), timm_model.blocks[0].attn(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="attn_mask"):
         model.blocks[0].attn(x, attn_mask=torch.ones(9, 9, dtype=torch.bool))
+
+
+def test_drop_path_block_is_timms_block_without_multipliers_and_drops_branches_with_them():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_test_patch16", drop_path_rate=0.0)
+    ours = model.blocks[0]
+    timm_block = Block(32, 2, qkv_bias=True)
+    timm_block.load_state_dict(ours.state_dict(), strict=True)  # same submodules, same keys
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(ours.eval()(x), timm_block.eval()(x), rtol=1e-6, atol=1e-6)  # attention kernels differ
+    ours.train()
+    kept = torch.ones(2, 3)
+    torch.testing.assert_close(ours(x, drop_path=kept), timm_block.train()(x), rtol=1e-6, atol=1e-6)
+    # sample 0 skips the attention branch, sample 1 the MLP branch, sample 2 is scaled by 1 / keep = 2 in both
+    multipliers = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0]])
+    out = ours(x, drop_path=multipliers)
+    attn_only = x + ours.attn(ours.norm1(x))
+    torch.testing.assert_close(out[0], (x + ours.mlp(ours.norm2(x)))[0])
+    torch.testing.assert_close(out[1], attn_only[1])
+    doubled = x + 2 * ours.attn(ours.norm1(x))
+    torch.testing.assert_close(out[2], (doubled + 2 * ours.mlp(ours.norm2(doubled)))[2])
+
+
+def test_sampled_drop_path_follows_the_linear_rates():
+    torch.manual_seed(0)
+    model = build_backbone("vit_test_patch16", drop_path_rate=0.5).train()  # 2 blocks: rates 0 and 0.5
+    scales = model.sample_drop_path(4000)
+    assert scales.shape == (2, 2, 4000)
+    assert torch.equal(scales[0], torch.ones(2, 4000))  # rate 0: never dropped
+    assert set(scales[1].unique().tolist()) == {0.0, 2.0}  # kept branches are scaled by 1 / keep
+    assert abs((scales[1] == 0).float().mean().item() - 0.5) < 0.03
+    assert model.eval().sample_drop_path(4) is None
+    assert build_backbone("vit_test_patch16", drop_path_rate=0.0).train().sample_drop_path(4) is None
+
+
+def _antialiased_weights(old: int, new: int) -> torch.Tensor:
+    """``[new, old]`` rows of jax.image.resize's 'bilinear' (triangle kernel widened by the scale when shrinking,
+    weights renormalised inside the image), written from its definition."""
+    scale = new / old
+    width = max(1.0, 1.0 / scale)
+    centres = (torch.arange(new, dtype=torch.float64) + 0.5) / scale - 0.5  # sample points in input coordinates
+    distance = (centres[:, None] - torch.arange(old, dtype=torch.float64)[None, :]).abs() / width
+    weights = (1 - distance).clamp_min(0)
+    return weights / weights.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("old, new", [(4, 3), (14, 6), (4, 2), (6, 14)])
+def test_positional_table_resize_is_the_releases_antialiased_bilinear(old, new):
+    # a known answer written from jax.image.resize's definition: switching antialiasing off fails it when shrinking
+    table = torch.randn(1, old * old, 8, dtype=torch.float64)
+    resized = resize_pos_embed(table, (old, old), (new, new)).reshape(new, new, 8)
+    w = _antialiased_weights(old, new)
+    expected = torch.einsum("ia,jb,abd->ijd", w, w, table.reshape(old, old, 8))
+    torch.testing.assert_close(resized, expected, rtol=1e-6, atol=1e-6)

@@ -24,7 +24,7 @@ def test_print_config_shows_the_released_recipe(capsys):
     assert recipe["base_lr"] == pytest.approx(1e-3) and recipe["lr_reference_batch"] == 1024
     assert recipe["weight_decay"] == pytest.approx(0.1) and recipe["warmup_epochs"] == 15
     assert recipe["reference_keep_ratio"] == pytest.approx(0.2)
-    assert round(recipe["query_keep_ratio"] * 196) == 70
+    assert recipe["query_keep"] == 70
     assert recipe["num_prototypes"] == 4096 and recipe["momentum_base"] == pytest.approx(0.996)
     assert recipe["prototype_precision"] == "bfloat16"  # the release's TPU numerics for the prototype cosines
     assert recipe["optimizer"]["class_path"] == "torch.optim.AdamW"

@@ -51,6 +51,8 @@ def test_param_groups_no_decay_on_1d():
     assert by_name == {"0.weight": 0.1, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0, "pos_embed": 0.1}
     groups = param_groups(model, weight_decay=0.1, no_decay_names=["pos_embed"])
     assert {n: g["weight_decay"] for g in groups for n in g["names"]}["pos_embed"] == 0.0
+    groups = param_groups(model, weight_decay=0.1, decay_suffixes=["0.bias"])  # a 1-D parameter decayed by name
+    assert {n: g["weight_decay"] for g in groups for n in g["names"]}["0.bias"] == 0.1
 
 
 def test_layer_decay_scales():

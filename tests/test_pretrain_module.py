@@ -7,8 +7,10 @@ import pytest
 import torch
 from _fake_loca import FakeLOCADataModule
 
+from loca_lightning.export import export_backbone
 from loca_lightning.optim import ema_momentum
-from loca_lightning.pretrain.module import LOCAPretrainModule, band_keep_index, random_keep_index
+from loca_lightning.pretrain.masks import band_keep_index, random_keep_index, reference_keep_count
+from loca_lightning.pretrain.module import LOCAPretrainModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
@@ -36,12 +38,72 @@ def test_band_masks():
 def test_constructor_validates_keys():
     with pytest.raises(ValueError, match="reference_keep_ratio must be in \\(0, 1\\]"):
         LOCAPretrainModule(**{**TINY, "reference_keep_ratio": 1.5})
-    with pytest.raises(ValueError, match="query_keep_ratio"):
-        LOCAPretrainModule(**{**TINY, "query_keep_ratio": 0.0})
+    with pytest.raises(ValueError, match="query_keep must be >= 1"):
+        LOCAPretrainModule(**{**TINY, "query_keep": 0})
     with pytest.raises(ValueError, match="reference_size 60 is not a multiple of the patch size 16"):
         LOCAPretrainModule(**{**TINY, "reference_size": 60})
     with pytest.raises(ValueError, match="unknown backbone"):
         LOCAPretrainModule(**{**TINY, "backbone": "resnet50"})
+
+
+def test_band_offset_is_uniform_over_every_position():
+    # N - K + 1 = 14 offsets for a band of 3 of 16 tokens, the last one included (the release's randint(0, N-K+1))
+    generator = torch.Generator().manual_seed(0)
+    offsets = band_keep_index(14000, 16, 3, "consecutive", torch.device("cpu"), generator)[:, 0]
+    counts = torch.bincount(offsets, minlength=16)
+    assert counts[14:].sum() == 0  # a band never runs past the grid
+    assert counts[:14].min() > 850 and counts[:14].max() < 1150  # 1000 expected each; 5 standard deviations
+
+
+def test_reference_band_keeps_the_floor_of_the_ratio():
+    assert [reference_keep_count(0.2, n) for n in (196, 64, 16, 4)] == [39, 12, 3, 1]  # int(0.2 * N), at least one
+    assert LOCAPretrainModule(**{**TINY, "reference_size": 128}).reference_keep == 12  # 8x8 grid: 12, not 13
+
+
+def test_weight_decay_reaches_qkv_biases_as_in_the_release():
+    # flax's q/k/v biases are [heads, head_dim] (ndim 2) and decayed; the output projection's bias is 1-D there too
+    model = LOCAPretrainModule(**TINY)
+    trainer = _trainer(max_steps=1)
+    trainer.fit(model, FakeLOCADataModule())
+    decay = {id(p): g["weight_decay"] for g in model.optimizers().optimizer.param_groups for p in g["params"]}
+    named = {n: decay[id(p)] for n, p in model.student.named_parameters()}
+    assert named["backbone.blocks.0.attn.qkv.bias"] == named["location_head.attn.q.bias"] == 0.1
+    assert named["location_head.attn.kv.bias"] == named["backbone.pos_embed"] == 0.1
+    for name in ("backbone.blocks.0.attn.proj.bias", "backbone.blocks.0.norm1.weight", "location_head.attn.proj.bias",
+                 "backbone.blocks.0.mlp.fc1.bias", "backbone.patch_embed.proj.bias"):
+        assert named[name] == 0.0, name
+
+
+class _SameViews(FakeLOCADataModule):
+    """The large query is the reference itself: with all its tokens kept, teacher and student see the same input."""
+
+    def train_dataloader(self):
+        for batch in super().train_dataloader():
+            batch["query_large"] = batch["reference"].clone()
+            yield batch
+
+
+class _Recorder(LOCAPretrainModule):
+    def encode_reference(self, reference, reference_keep, drop_path=None):
+        keys, targets = super().encode_reference(reference, reference_keep, drop_path)
+        self.teacher_tokens = self.teacher.backbone(reference, drop_path=drop_path).detach()
+        return keys, targets
+
+    def encode_queries(self, query_large, query_focal, large_keep, drop_path=None):
+        tokens = super().encode_queries(query_large, query_focal, large_keep, drop_path)
+        self.large_tokens = tokens[:, : large_keep.shape[1]].detach()
+        return tokens
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_teacher_reference_and_student_large_query_skip_the_same_blocks(shared):
+    # Teacher = student at step 0 and the same image in both passes: their tokens are equal exactly when both passes
+    # skip the same blocks for each image (the release's one dropout rng for both); independent draws differ.
+    torch.manual_seed(0)
+    model = _Recorder(**{**TINY, "drop_path_rate": 0.5, "shared_drop_path": shared, "query_keep": 16})
+    _trainer(max_steps=1).fit(model, _SameViews(batch_size=8))
+    same = [torch.allclose(a, b, atol=1e-5) for a, b in zip(model.teacher_tokens, model.large_tokens)]
+    assert all(same) if shared else not all(same)
 
 
 def test_teacher_is_ema_of_student_and_gets_no_gradients():
@@ -105,8 +167,8 @@ def test_location_only_variant_has_no_teacher():
     assert model.teacher is None and model.student.projection is None
     _trainer(max_steps=2).fit(model, FakeLOCADataModule())
     with pytest.raises(ValueError, match="no teacher"):
-        model.export_backbone("teacher")
-    assert model.export_backbone("student").pos_embed.shape == model.student.backbone.pos_embed.shape
+        export_backbone(model, "teacher")
+    assert export_backbone(model, "student").pos_embed.shape == model.student.backbone.pos_embed.shape
 
 
 def test_subclass_overriding_one_hook_trains_with_plain_trainer():
@@ -144,7 +206,7 @@ def test_export_backbone_copies_teacher_and_checkpoint_loads_weights_only(tmp_pa
     model = LOCAPretrainModule(**TINY)
     trainer = _trainer(max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(model, FakeLOCADataModule())
-    exported = model.export_backbone("teacher")
+    exported = export_backbone(model, "teacher")
     for (name, a), b in zip(exported.state_dict().items(), model.teacher.backbone.state_dict().values()):
         assert torch.equal(a, b.cpu()), name
     ckpt = next(tmp_path.rglob("*.ckpt"))

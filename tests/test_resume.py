@@ -96,12 +96,12 @@ def test_pretraining_resume_is_exact(tmp_path: Path, stop: int) -> None:
 
 
 def test_mask_generator_state_round_trips_through_the_checkpoint() -> None:
-    module = LOCAPretrainModule(**TINY)
+    module = LOCAPretrainModule(**TINY, query_keep=6)
     first = module.select_query_keep(2, 16)
     checkpoint: dict = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     expected = module.select_query_keep(2, 16)
-    other = LOCAPretrainModule(**TINY)
+    other = LOCAPretrainModule(**TINY, query_keep=6)
     torch.manual_seed(99)
     other.on_load_checkpoint(checkpoint)
     assert torch.equal(other.select_query_keep(2, 16), expected)

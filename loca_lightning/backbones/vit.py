@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -83,6 +83,26 @@ class TensorDropPath(DropPath):
         keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < self.keep_prob  # [B, 1, ...]
         scale = torch.where(keep, self.keep_prob.reciprocal(), 0.0) if self.scale_by_keep else keep.float()
         return x * scale.to(x.dtype)
+
+
+class DropPathBlock(Block):
+    """timm's ``Block`` whose two residual branches can take explicit per-sample drop-path multipliers.
+
+    ``forward(x, drop_path=None)`` is timm's forward (each branch draws its own stochastic-depth mask).
+    ``drop_path [2, B]`` instead multiplies the attention and MLP branches of sample b by ``drop_path[:, b]``
+    (0 for a dropped branch, 1 / keep probability for a kept one), so that two passes can skip the same blocks for
+    the same image, as the released LOCA code does for the teacher's reference pass and the student's large-query
+    pass. Same submodules and state dict as timm's block. In eval mode the multipliers are ignored.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, drop_path: Tensor | None = None
+    ) -> Tensor:
+        if drop_path is None or not self.training:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        scale = drop_path.to(x.dtype).view(2, -1, *([1] * (x.ndim - 1)))  # [2, B, 1, 1]
+        x = x + scale[0] * self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        return x + scale[1] * self.ls2(self.mlp(self.norm2(x)))
 
 
 def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
@@ -171,7 +191,7 @@ class ViT(VisionTransformer):
             global_pool="avg",
             fc_norm=False,
             num_classes=0,
-            **timm_kwargs,
+            **{"block_fn": DropPathBlock, **timm_kwargs},
         )
         self.patch_embed.strict_img_size = False  # any multiple of the patch size; the grid follows the input
         for block in self.blocks:  # timm's attention with a faster kernel choice when training on the CPU
@@ -263,26 +283,48 @@ class ViT(VisionTransformer):
             x = torch.gather(x, 1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.norm_pre(self.pos_drop(x))
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """Run already embedded tokens ``[B, N, D]`` through the blocks and the final norm."""
-        for block in self.blocks:
+    def sample_drop_path(self, batch_size: int) -> Tensor | None:
+        """Per-sample stochastic-depth multipliers ``[depth, 2, B]`` for one pass (attention and MLP branch of each
+        block): 0 where a branch is dropped, 1 / keep probability where kept; drawn from the global torch RNG.
+        None in eval mode or without drop path."""
+        layers = [block.drop_path1 for block in self.blocks]  # both branches of a block share its rate
+        if not self.training or not all(isinstance(layer, TensorDropPath) for layer in layers):
+            return None
+        keep = torch.stack([layer.keep_prob for layer in layers])  # [depth]
+        draw = torch.rand(len(self.blocks), 2, batch_size, device=keep.device) < keep[:, None, None]
+        return draw.float() / keep[:, None, None]
+
+    def forward_tokens(self, x: Tensor, drop_path: Tensor | None = None) -> Tensor:
+        """Run already embedded tokens ``[B, N, D]`` through the blocks and the final norm; ``drop_path``
+        ``[depth, 2, B]`` gives every block's drop-path multipliers (:class:`DropPathBlock`), else each draws its own."""
+        for i, block in enumerate(self.blocks):
+            kwargs = {} if drop_path is None else {"drop_path": drop_path[i]}
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
-                x = block(x)
+                x = block(x, **kwargs)
         return self.norm(x)
 
     def forward_features(  # type: ignore[override]
-        self, images: Tensor, keep_index: Tensor | None = None, use_pos_embed: bool = True
+        self,
+        images: Tensor,
+        keep_index: Tensor | None = None,
+        use_pos_embed: bool = True,
+        drop_path: Tensor | None = None,
     ) -> Tensor:
         """Patch tokens ``[B, N, D]`` (or ``[B, K, D]`` with ``keep_index``) after the final LayerNorm."""
-        return self.forward_tokens(self.embed(images, keep_index=keep_index, use_pos_embed=use_pos_embed))
+        tokens = self.embed(images, keep_index=keep_index, use_pos_embed=use_pos_embed)
+        return self.forward_tokens(tokens, drop_path=drop_path)
 
     def forward(  # type: ignore[override]
-        self, images: Tensor, keep_index: Tensor | None = None, use_pos_embed: bool = True
+        self,
+        images: Tensor,
+        keep_index: Tensor | None = None,
+        use_pos_embed: bool = True,
+        drop_path: Tensor | None = None,
     ) -> Tensor:
         """Same as :meth:`forward_features`: the backbone's output is its patch tokens."""
-        return self.forward_features(images, keep_index=keep_index, use_pos_embed=use_pos_embed)
+        return self.forward_features(images, keep_index=keep_index, use_pos_embed=use_pos_embed, drop_path=drop_path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""

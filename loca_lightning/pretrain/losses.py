@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "location_accuracy",
     "location_loss",
     "sinkhorn_knopp",
     "clustering_loss",
@@ -100,10 +101,17 @@ def location_loss(
         nll = torch.where(valid.flatten(), nll, 0.0)  # [B*Q]
         num_valid = _global_sum_no_grad(valid.sum(dtype=torch.float32), group)
         loss = _global_sum_with_grad(nll.sum(), group) / num_valid.clamp_min(1.0)
-        with torch.no_grad():
-            correct = ((safe_logits.argmax(-1) == target) & valid).sum(dtype=torch.float32)
-            accuracy = _global_sum_no_grad(correct, group) / num_valid.clamp_min(1.0)
+        correct = location_accuracy(safe_logits, target) * valid.sum(dtype=torch.float32)
+        accuracy = _global_sum_no_grad(correct, group) / num_valid.clamp_min(1.0)
     return loss, accuracy
+
+
+@torch.no_grad()
+def location_accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Fraction of labelled tokens (target != -1) whose argmax is the target: local batch, detached, float32."""
+    valid = target != -1
+    correct = ((logits.argmax(-1) == target) & valid).sum(dtype=torch.float32)
+    return correct / valid.sum(dtype=torch.float32).clamp_min(1.0)
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ class SampleMasks(LOCAPretrainModule):
         return sample_keep(self._targets, self.num_positions, self.reference_keep, salt=1)
 
     def select_query_keep(self, batch_size: int, num_tokens: int) -> Tensor:
-        keep = max(1, round(self.hparams.query_keep_ratio * num_tokens))
+        keep = min(self.hparams.query_keep, num_tokens)
         return sample_keep(self._targets, num_tokens, keep, salt=2)
 
 

@@ -1,0 +1,36 @@
+"""The two networks of LOCA: the student (backbone, location head, projection head) and its EMA teacher."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+from loca_lightning.backbones.vit import ViT
+from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
+
+# flax's q/k/v biases are [heads, head_dim] and the release decays every parameter whose ndim != 1: ours are fused
+# 1-D vectors, decayed by name to match (the output projection's bias is 1-D in both and is not decayed).
+QKV_BIASES = ("attn.qkv.bias", "attn.q.bias", "attn.kv.bias")
+
+
+class LOCAStudent(nn.Module):
+    """The trained network: backbone, location head and (when clustering is on) projection head."""
+
+    def __init__(self, backbone: ViT, location_head: LocationHead, projection: ProjectionHead | None) -> None:
+        super().__init__()
+        self.backbone, self.location_head, self.projection = backbone, location_head, projection
+
+
+class LOCATeacher(nn.Module):
+    """EMA copy of the student's backbone and projection head (the parts the teacher runs); no gradients."""
+
+    def __init__(self, student: LOCAStudent) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(student.backbone).requires_grad_(False)
+        self.projection = copy.deepcopy(student.projection).requires_grad_(False)
+
+    def ema_pairs(self, student: LOCAStudent) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher parameters, student parameters) in matching order."""
+        pairs = [(self.backbone, student.backbone), (self.projection, student.projection)]
+        return [p for t, _ in pairs for p in t.parameters()], [p for _, s in pairs for p in s.parameters()]
