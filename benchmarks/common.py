@@ -18,7 +18,8 @@ from torch import Tensor
 
 from loca_lightning.optim import ema_update, param_groups
 from loca_lightning.pretrain.masks import query_keep_count
-from loca_lightning.pretrain.networks import QKV_BIASES, LOCAPretrainModule
+from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.networks import QKV_BIASES
 
 # The released geometry (docs/loca-spec.md section 1): 224 px reference and large query, nine 96 px focal queries.
 RELEASED = dict(reference_size=224, query_size=224, focal_size=96, num_focal=9)

@@ -21,25 +21,9 @@ from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.nonfinite import NonFiniteGuard
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import ema_momentum, ema_update, param_groups, warmup_cosine_optimization
-from loca_lightning.pretrain import performance
+from loca_lightning.pretrain import losses, masks, performance
 from loca_lightning.pretrain.checks import check_batch, check_hparams, migrate_checkpoint
-from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
-from loca_lightning.pretrain.init import release_init_
-from loca_lightning.pretrain.losses import (
-    clustering_loss,
-    location_accuracy,
-    location_loss,
-    me_max_loss,
-    sinkhorn_knopp,
-)
-from loca_lightning.pretrain.masks import (
-    MaskGenerator,
-    band_keep_index,
-    query_keep_count,
-    random_keep_index,
-    reference_keep_count,
-)
-from loca_lightning.pretrain.networks import QKV_BIASES, LOCAStudent, LOCATeacher
+from loca_lightning.pretrain.networks import QKV_BIASES, LOCATeacher, build_student
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -105,24 +89,16 @@ class LOCAPretrainModule(L.LightningModule):
         self.patch_size = vit.patch_size
         self.reference_grid = reference_size // vit.patch_size
         self.num_positions = self.reference_grid**2
-        self.reference_keep = reference_keep_count(reference_keep_ratio, self.num_positions)
-        location_head = LocationHead(
-            vit.embed_dim, vit.blocks[0].attn.num_heads, self.num_positions, mlp_ratio=vit.timm_config["mlp_ratio"]
-        )
-        projection = None
-        if apply_cluster_loss:
-            dims = (projection_hidden_dim, projection_dim, num_prototypes)
-            projection = ProjectionHead(vit.embed_dim, *dims, prototype_precision=prototype_precision)
-        if init == "release":
-            release_init_(vit, location_head, projection)
-        self.student = LOCAStudent(vit, location_head, projection)
+        self.reference_keep = masks.reference_keep_count(reference_keep_ratio, self.num_positions)
+        projection = (projection_hidden_dim, projection_dim, num_prototypes) if apply_cluster_loss else None
+        self.student = build_student(vit, self.num_positions, projection, prototype_precision, init == "release")
         self.teacher = LOCATeacher(self.student) if apply_cluster_loss else None
         # The loss functions the step calls; compile "all" swaps in compiled versions (performance.py).
-        self.location_loss, self.clustering_loss, self.me_max_loss = location_loss, clustering_loss, me_max_loss
-        self.sinkhorn = sinkhorn_knopp
+        self.location_loss, self.clustering_loss = losses.location_loss, losses.clustering_loss
+        self.me_max_loss, self.sinkhorn = losses.me_max_loss, losses.sinkhorn_knopp
         self.optimizer_factory = optimizer
         self.normalize = Normalize()
-        self.masks = MaskGenerator()
+        self.mask_generator = masks.MaskGenerator()
         self.nonfinite = NonFiniteGuard(on_nonfinite)
         self.total_steps = 1  # set by configure_optimizers (the EMA and lr schedules span it)
         self.momentum = momentum_base  # of the latest EMA update, logged
@@ -164,15 +140,14 @@ class LOCAPretrainModule(L.LightningModule):
 
     def select_reference_keep(self, batch_size: int) -> Tensor:
         """Indices ``[B, Kr]`` of reference tokens visible to the location head."""
-        generator = self.masks.get(self.device, self.global_rank)
-        mode = self.hparams.reference_mask
-        return band_keep_index(batch_size, self.num_positions, self.reference_keep, mode, self.device, generator)
+        generator, mode = self.mask_generator.get(self.device, self.global_rank), self.hparams.reference_mask
+        return masks.band_keep_index(batch_size, self.num_positions, self.reference_keep, mode, self.device, generator)
 
     def select_query_keep(self, batch_size: int, num_tokens: int) -> Tensor:
         """Indices ``[B, Kq]`` of large-query tokens fed to the encoder (the rest are dropped before it)."""
-        generator = self.masks.get(self.device, self.global_rank)
-        keep = query_keep_count(self.hparams.query_keep, num_tokens)
-        return random_keep_index(batch_size, num_tokens, keep, self.device, generator)
+        generator = self.mask_generator.get(self.device, self.global_rank)
+        keep = masks.query_keep_count(self.hparams.query_keep, num_tokens)
+        return masks.random_keep_index(batch_size, num_tokens, keep, self.device, generator)
 
     def drop_path_scales(self, batch_size: int) -> Tensor | None:
         """Drop-path multipliers ``[depth, 2, B]`` shared by the reference and large-query passes (None: each pass
@@ -230,8 +205,8 @@ class LOCAPretrainModule(L.LightningModule):
     def _log_step(self, out: dict[str, Tensor], batch: dict[str, Tensor], batch_size: int) -> None:
         logits, target, num_large = out["location_logits"], self.last_step["target"], self.last_step["num_large"]
         metrics = {f"train/{k}": v for k, v in out.items() if k.startswith(("loss", "acc", "prototype"))}
-        metrics["train/acc_location_large"] = location_accuracy(logits[:, :num_large], target[:, :num_large])
-        metrics["train/acc_location_focal"] = location_accuracy(logits[:, num_large:], target[:, num_large:])
+        metrics["train/acc_location_large"] = losses.location_accuracy(logits[:, :num_large], target[:, :num_large])
+        metrics["train/acc_location_focal"] = losses.location_accuracy(logits[:, num_large:], target[:, num_large:])
         if "num_skipped" in batch:
             self.skipped_images += batch["num_skipped"].sum()
             metrics["train/skipped_images"] = self.skipped_images.float()
@@ -281,9 +256,6 @@ class LOCAPretrainModule(L.LightningModule):
     ) -> None:
         performance.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        scheduler.step()
-
     def configure_model(self) -> None:
         """Compile in place when asked; under ``ModelParallelStrategy`` shard student and teacher with FSDP2."""
         if not self.is_compiled:
@@ -296,7 +268,7 @@ class LOCAPretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every random stream the next steps draw from (exact resume)."""
-        checkpoint[RNG_KEY] = capture_rng_state({"mask": self.masks.state()})
+        checkpoint[RNG_KEY] = capture_rng_state({"mask": self.mask_generator.state()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random state; warn about changed hyperparameters."""
@@ -305,4 +277,4 @@ class LOCAPretrainModule(L.LightningModule):
                         "now weight-decayed as in the release")  # fmt: skip
         warn_hparam_changes(checkpoint, dict(self.hparams), "LOCA pretraining")
         if RNG_KEY in checkpoint:
-            self.masks.load_state(restore_rng_state(checkpoint[RNG_KEY]).get("mask"))
+            self.mask_generator.load_state(restore_rng_state(checkpoint[RNG_KEY]).get("mask"))

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from loca_lightning.backbones.vit import ViT
 from loca_lightning.pretrain.heads import LocationHead, ProjectionHead
+from loca_lightning.pretrain.init import release_init_
 
 # flax's q/k/v biases are [heads, head_dim] and the release decays every parameter whose ndim != 1: ours are fused
 # 1-D vectors, decayed by name to match (the output projection's bias is 1-D in both and is not decayed).
@@ -34,3 +35,25 @@ class LOCATeacher(nn.Module):
         """(teacher parameters, student parameters) in matching order."""
         pairs = [(self.backbone, student.backbone), (self.projection, student.projection)]
         return [p for t, _ in pairs for p in t.parameters()], [p for _, s in pairs for p in s.parameters()]
+
+
+def build_student(
+    backbone: ViT,
+    num_positions: int,
+    projection: tuple[int, int, int] | None,
+    prototype_precision: str = "float32",
+    release_init: bool = True,
+) -> LOCAStudent:
+    """The student around ``backbone``: a location head with one logit per reference position (the backbone's
+    width, heads and MLP ratio) and, unless ``projection`` is None, a projection head of ``(hidden, bottleneck,
+    prototypes)``; initialised as the release does (else timm's truncated normal)."""
+    heads = backbone.blocks[0].attn.num_heads
+    location_head = LocationHead(backbone.embed_dim, heads, num_positions, mlp_ratio=backbone.timm_config["mlp_ratio"])
+    head = (
+        None
+        if projection is None
+        else ProjectionHead(backbone.embed_dim, *projection, prototype_precision=prototype_precision)
+    )
+    if release_init:
+        release_init_(backbone, location_head, head)
+    return LOCAStudent(backbone, location_head, head)
