@@ -97,7 +97,7 @@ def bench_data_loader(folder: Path, paths: list[Path], views: dict, batch_size: 
     datamodule = LOCAPretrainDataModule(
         source="list",
         list_file=str(list_file),
-        views=views,
+        views=LOCAViews(**views),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),

@@ -9,6 +9,7 @@ Model and data are chosen in the config by class path, so one entry point serves
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from loca_lightning.backbones.registry import backbone_patch_size
 from loca_lightning.callbacks import SegmentationPredictionWriter
 from loca_lightning.checkpointing import AtomicCheckpointIO
+from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
 
 DESCRIPTION = (
@@ -63,6 +66,25 @@ class LOCACLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Writes masks during `loca predict` (`prediction_writer:` section); its hooks are predict-only.
         parser.add_lightning_class_args(SegmentationPredictionWriter, "prediction_writer")
+        # LOCA's geometry is given once, by the model: the views take its reference size and its backbone's patch
+        # size (links whose keys a model or DataModule does not have, e.g. segmentation's, are not applied).
+        views = "data.init_args.views.init_args"
+        parser.link_arguments("model.init_args.reference_size", f"{views}.reference_size")
+        backbone = ("model.init_args.backbone", "model.init_args.backbone_kwargs")
+        parser.link_arguments(backbone, f"{views}.patch_size", compute_fn=backbone_patch_size)
+
+    def before_instantiate_classes(self) -> None:
+        """Name the required data arguments a config leaves unset, in one line, before anything is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data")
+        if data is None or not data.get("class_path"):
+            return
+        module, _, name = data["class_path"].rpartition(".")
+        check = getattr(getattr(importlib.import_module(module), name, None), "missing_arguments", None)
+        missing = check(**dict(data.get("init_args") or {})) if check is not None else []
+        if missing:
+            print(f"loca: error: {missing_message(missing)}", file=sys.stderr)
+            sys.exit(2)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.

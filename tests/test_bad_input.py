@@ -24,6 +24,7 @@ from loca_lightning.data.images import read_image
 from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.views import LOCAViews
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
 VIEWS = dict(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8)
@@ -60,7 +61,7 @@ def test_pretraining_folder_with_unusual_and_unreadable_files_never_crashes(tmp_
     expected = _formats(root)
     (root / "dangling.png").symlink_to(tmp_path / "gone.png")  # listed, but the read fails
     (root / "folder.jpg").mkdir()  # a directory with an image name is not listed
-    dm = LOCAPretrainDataModule(source="folder", root=str(root), views=VIEWS, batch_size=2, num_workers=0,
+    dm = LOCAPretrainDataModule(source="folder", root=str(root), views=LOCAViews(**VIEWS), batch_size=2, num_workers=0,
                                 pin_memory=False)
     dm.setup("fit")
     names = [Path(p).name for p in dm.dataset.source]
@@ -104,7 +105,7 @@ def test_pretraining_targets_out_of_range_name_the_key_on_the_first_batch() -> N
 
 def test_pretraining_views_not_divisible_by_the_patch_size() -> None:
     with pytest.raises(ValueError, match="reference_size"):
-        LOCAPretrainDataModule(views={**VIEWS, "reference_size": 30})
+        LOCAViews(**{**VIEWS, "reference_size": 30})
 
 
 # ---------------------------------------------------------------------------------------------- segmentation

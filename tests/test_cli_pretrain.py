@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
-from loca_lightning.cli import main
+from loca_lightning.cli import LOCACLI, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,8 +28,9 @@ def test_print_config_shows_the_released_recipe(capsys):
     assert recipe["num_prototypes"] == 4096 and recipe["momentum_base"] == pytest.approx(0.996)
     assert recipe["prototype_precision"] == "bfloat16"  # the release's TPU numerics for the prototype cosines
     assert recipe["optimizer"]["class_path"] == "torch.optim.AdamW"
-    views = data["init_args"]["views"]
-    assert (views["reference_size"], views["focal_size"], views["num_focal"]) == (224, 96, 9)
+    views = data["init_args"]["views"]["init_args"]
+    assert (views["query_size"], views["focal_size"], views["num_focal"]) == (224, 96, 9)
+    assert "reference_size" not in views and "patch_size" not in views  # linked from the model: given once
     assert config["trainer"]["max_epochs"] == 100 and config["trainer"]["gradient_clip_val"] == 1.0
     # The global batch of the recipe: 8 devices x 128.
     assert config["trainer"]["devices"] * data["init_args"]["batch_size"] == 1024
@@ -70,3 +71,16 @@ def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
     monkeypatch.setenv("LOCA_KEEP_FREED_MEMORY", "0")
     cli.tune_malloc()
     assert calls == [1]
+
+
+def test_views_take_the_models_geometry_and_a_missing_root_is_one_line(tmp_path, capsys):
+    # the demo config gives reference_size once (model) and the patch through the backbone's name
+    cli = LOCACLI(args=["--config", str(CONFIGS / "demo" / "pretrain.yaml"), "--trainer.logger=false",
+                        "--model.init_args.reference_size=48"], run=False)  # fmt: skip
+    views = cli.datamodule.views
+    assert (views.reference_size, views.patch_size) == (48, 8) == (cli.model.hparams.reference_size, 8)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "pretrain.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.init_args.root is not set" in err[0] and "--data.init_args.root=" in err[0]

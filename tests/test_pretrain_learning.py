@@ -8,6 +8,7 @@ import torch
 from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.views import LOCAViews
 
 # Tiny model: one thread is faster and immune to a busy second core.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +43,7 @@ def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.3
     views = dict(reference_size=reference, query_size=reference, focal_size=reference // 2, num_focal=2,
                  patch_size=PATCH, photometric=False, reference_scale=scale, query_scale=scale)
     data = LOCAPretrainDataModule(source="synthetic", synthetic_length=SCENES, synthetic_image_size=image,
-                                  views=views, batch_size=16, num_workers=0, pin_memory=False)
+                                  views=LOCAViews(**views), batch_size=16, num_workers=0, pin_memory=False)
     model = LOCAPretrainModule(
         backbone="vit_test_patch8", backbone_kwargs=dict(img_size=reference), reference_size=reference,
         num_prototypes=32, projection_hidden_dim=64, projection_dim=16, drop_path_rate=0.0, momentum_base=0.99,

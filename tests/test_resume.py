@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.views import LOCAViews
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
@@ -36,7 +37,7 @@ def _trainer(root: Path, max_steps: int, callbacks=(), every: int | None = None)
 
 
 def _pretrain_data() -> LOCAPretrainDataModule:
-    return LOCAPretrainDataModule(source="synthetic", synthetic_length=12, synthetic_image_size=72, views=VIEWS,
+    return LOCAPretrainDataModule(source="synthetic", synthetic_length=12, synthetic_image_size=72, views=LOCAViews(**VIEWS),
                                   batch_size=4, num_workers=0, pin_memory=False, seed=3)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from loca_lightning.backbones.vit import ViT
@@ -34,6 +35,17 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 def list_backbones() -> list[str]:
     """Names of all registered backbones, sorted."""
     return sorted(_REGISTRY)
+
+
+def backbone_patch_size(name: str, overrides: dict[str, Any] | None = None) -> int:
+    """The patch size of ``build_backbone(name, **overrides)``, without building its weights."""
+    overrides = overrides or {}
+    if "patch_size" in overrides:
+        return int(overrides["patch_size"])
+    if name in VIT_SIZES:
+        return VIT_SIZES[name][0]
+    with torch.device("meta"):  # a registered custom backbone: its structure only
+        return int(build_backbone(name, **overrides).patch_size)
 
 
 # name: (patch, width, depth, heads). Ti/S/B/L/H follow the ViT paper; "pico"/"test" are small sizes for CPU demos and

@@ -9,7 +9,6 @@ workers see it without being restarted (see ``_EpochDataLoader``).
 from __future__ import annotations
 
 import ctypes
-import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -19,8 +18,10 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import lazy_instance
 from torch.utils.data import DataLoader, Dataset
 
+from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.pretrain.views import LOCAViews
@@ -197,16 +198,6 @@ class _SkipFirst:
         return max(0, len(self.sampler) - self.skip)
 
 
-def _view_arguments(views: dict[str, Any] | None) -> dict[str, Any]:
-    """Check ``views`` against LOCAViews' signature: an unknown key is an error, never silently dropped."""
-    views = dict(views or {})
-    known = set(inspect.signature(LOCAViews).parameters)
-    unknown = sorted(set(views) - known)
-    if unknown:
-        raise TypeError(f"unknown LOCAViews argument(s) in views: {unknown}; expected some of {sorted(known)}")
-    return views
-
-
 class LOCAPretrainDataModule(L.LightningDataModule):
     """Images (a folder tree, a path list, or synthetic scenes) -> batches of LOCA views and position targets.
 
@@ -224,7 +215,7 @@ class LOCAPretrainDataModule(L.LightningDataModule):
         synthetic_length: int = 2048,
         synthetic_image_size: int = 128,
         synthetic_seed: int = 0,
-        views: dict[str, Any] | None = None,
+        views: LOCAViews = lazy_instance(LOCAViews),
         batch_size: int = 128,
         num_workers: int = 8,
         pin_memory: bool = True,
@@ -235,19 +226,41 @@ class LOCAPretrainDataModule(L.LightningDataModule):
         super().__init__()
         if source not in ("folder", "list", "synthetic"):
             raise ValueError(f"source must be 'folder', 'list' or 'synthetic', got {source!r}")
-        if source == "folder" and root is None:
-            raise ValueError("source='folder' needs root: the folder of training images")
-        if source == "list" and list_file is None:
-            raise ValueError("source='list' needs list_file: a text file of image paths")
+        missing = self.missing_arguments(source=source, root=root, list_file=list_file)
+        if missing:
+            raise ValueError(missing_message(missing))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["views"])
         # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
         self.batch_size = batch_size
-        self._views = LOCAViews(**_view_arguments(views))
+        if not isinstance(views, LOCAViews):
+            raise TypeError(f"views must be a LOCAViews, got {type(views).__name__}")
+        self._views = views
+        self.hparams["views"] = dict(views.settings)  # plain values: checkpoints stay loadable with weights_only
         self.dataset: LOCAPretrainDataset | None = None
+
+    @staticmethod
+    def missing_arguments(source: str = "synthetic", root: str | None = None, list_file: str | None = None,
+                          **_: Any) -> list[tuple[str, str]]:  # fmt: skip
+        """(argument, what it is) for each argument these settings need but leave unset; the CLI checks them before
+        it builds anything."""
+        if source == "folder" and root is None:
+            return [("root", "the folder of training images (a tree of image files, e.g. ImageNet's train/)")]
+        if source == "list" and list_file is None:
+            return [("list_file", "a text file of image paths, one per line")]
+        return []
+
+    def check_geometry(self, reference_size: int, patch_size: int) -> None:
+        """The views' reference size and patch size must be the model's (the CLI links them from the model)."""
+        views = self._views
+        if (views.reference_size, views.patch_size) != (reference_size, patch_size):
+            raise ValueError(
+                f"data.init_args.views has reference_size {views.reference_size} and patch_size {views.patch_size}, "
+                f"but the model has reference_size {reference_size} and patch size {patch_size}: make them equal"
+            )
 
     @property
     def views(self) -> LOCAViews:
@@ -269,7 +282,11 @@ class LOCAPretrainDataModule(L.LightningDataModule):
         return paths
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the dataset (once; the file listing of a large folder is slow)."""
+        """Check the views against the model (under a Trainer), build the dataset (once: listing a folder is slow)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        reference_size = getattr(module, "hparams", {}).get("reference_size")
+        if reference_size is not None and hasattr(module, "patch_size"):
+            self.check_geometry(reference_size, module.patch_size)
         if self.dataset is None:
             self.dataset = LOCAPretrainDataset(self._source(), self._views, seed=self.hparams.seed)
 

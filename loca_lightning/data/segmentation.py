@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.classes import dataset_classes, label_colormap, read_class_names
 from loca_lightning.data.images import read_image, read_mask
 from loca_lightning.data.seg_layouts import (
@@ -215,8 +216,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if layout not in ("synthetic", "folder") and root is None:
-            raise ValueError(f"layout {layout!r} needs root (the dataset folder)")
+        missing = self.missing_arguments(layout=layout, root=root, image_dir=image_dir, mask_dir=mask_dir)
+        if missing:
+            raise ValueError(missing_message(missing))
         if reduce_zero_label and layout != "folder":
             raise ValueError(
                 f"reduce_zero_label applies to the folder layout only; {layout!r} fixes its own label handling"
@@ -241,6 +243,17 @@ class SegmentationDataModule(L.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
+
+    @staticmethod
+    def missing_arguments(layout: str = "synthetic", root: str | None = None, image_dir: str | None = None,
+                          mask_dir: str | None = None, **_: Any) -> list[tuple[str, str]]:  # fmt: skip
+        """(argument, what it is) for each argument this layout needs but is left unset; the CLI checks them before
+        it builds anything."""
+        if layout == "folder" and root is None and (image_dir is None or mask_dir is None):
+            return [("root", "the folder holding images/ and masks/ (or set image_dir and mask_dir)")]
+        if layout not in ("synthetic", "folder") and root is None:
+            return [("root", f"the {layout} dataset folder")]
+        return []
 
     def _classes(self) -> tuple[tuple[str, ...], np.ndarray]:
         hp = self.hparams

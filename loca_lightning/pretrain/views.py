@@ -265,6 +265,7 @@ class LOCAViews:
         return_boxes: bool = False,
         max_tries: int = 100,
     ) -> None:
+        self.settings = {k: v for k, v in locals().items() if k != "self"}  # the arguments, as given
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         for name, size in (("reference_size", reference_size), ("query_size", query_size), ("focal_size", focal_size)):
