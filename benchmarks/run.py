@@ -26,14 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import RELEASED, TrainStep, build_module, loca_step_flops, synthetic_batch
+from machine import OtherLoad, machine_info, peak_rss_mb, wait_until_quiet 
+from pipeline import bench_data  # noqa: F401  (run_isolated calls parts by name)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RELEASED, TrainStep, build_module, loca_step_flops, synthetic_batch  # noqa: E402
-from machine import OtherLoad, machine_info, peak_rss_mb, wait_until_quiet  # noqa: E402
-from pipeline import bench_data  # noqa: E402, F401  (run_isolated calls parts by name)
-
-from loca_lightning.data.pretrain import keep_freed_memory  # noqa: E402
+from loca_lightning.data.pretrain import keep_freed_memory 
 
 
 # ---------------------------------------------------------------------------------------------- training step

@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from loca_lightning.backbones import build_backbone, export_timm_state_dict, load_backbone_weights
+from loca_lightning.backbones import (
+    build_backbone,
+    export_timm_state_dict,
+    load_backbone_weights,
+    timm_create_model_call,
+)
 from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
 from loca_lightning.backbones.vit import ViT
 
@@ -65,7 +70,7 @@ def export_checkpoint(
     which = which or default_weights(checkpoint)
     backbone = backbone_from_checkpoint(checkpoint, which)
     name, kwargs = timm_model_kwargs(backbone)
-    call = f"timm.create_model({name!r}, pretrained=False, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    call = timm_create_model_call(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(export_timm_state_dict(backbone), tmp)

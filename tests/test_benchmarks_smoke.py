@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+import common  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import gpu
+import pipeline
 import pytest
+import run
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import common  # noqa: E402
-import gpu  # noqa: E402
-import pipeline  # noqa: E402
-import run  # noqa: E402
 
 GEOMETRY = dict(reference_size=64, query_size=64, focal_size=32, num_focal=2)
 HEADS = dict(num_prototypes=32, projection_hidden_dim=64, projection_dim=16)
@@ -81,6 +77,13 @@ def test_cpu_benchmark_parts_at_tiny_sizes(tmp_path):
     assert results["data"]["loader"]["samples_per_s"] > 0
     step = results["step"][0]
     assert step["images_per_s"] > 0 and 0 < step["mfu"] and step["gflop_per_image"] > 0
+    # the row is consistent with itself and with the FLOP count of the model it timed
+    assert step["images_per_s"] == pytest.approx(step["batch_size"] / step["step_s"])
+    assert step["achieved_gflop_per_s"] == pytest.approx(step["gflop_per_image"] * step["images_per_s"])
+    assert step["mfu"] == pytest.approx(step["achieved_gflop_per_s"] / step["matmul_gflop_per_s"])
+    module = common.build_module("vit_test_patch16", reference_size=GEOMETRY["reference_size"], **HEADS)
+    flops = common.loca_step_flops(module, common.synthetic_batch(2, torch.device("cpu"), **GEOMETRY))
+    assert step["gflop_per_image"] == pytest.approx(flops["total"] / 2 / 1e9)
     assert results["segmentation"]["images_per_s"] > 0
     table = run.format_table(results)
     assert table.count("\n| data |") == 2 and "| step | vit_test_patch16" in table and "| segmentation |" in table
@@ -106,6 +109,7 @@ def test_release_benchmark_names_a_missing_scenic_folder(tmp_path):
         run.bench_release(sys.executable, str(tmp_path), "vit_test_patch16", batch_size=2, steps=1)
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     out = tmp_path / "gpu.json"
     parts = "eager,eager_conv,eager_no_guard,timm_eager,attention,patch_embed,prototype_precision,compiled_all"
@@ -131,6 +135,7 @@ def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_compiled_step_row(monkeypatch):
     from loca_lightning.pretrain.module import LOCAPretrainModule
 

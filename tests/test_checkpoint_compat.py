@@ -32,6 +32,7 @@ def test_old_checkpoint_loads_weights_only_with_every_tensor():
     assert model.reference_keep == 3 and model.teacher is not None
 
 
+@pytest.mark.slow
 def test_old_checkpoint_resumes_training(tmp_path):
     model = LOCAPretrainModule(backbone="vit_test_patch16", reference_size=64, num_prototypes=16,
                                projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1, warmup_epochs=1,

@@ -116,6 +116,7 @@ def read_indexed(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.array(image), palette
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # predict's checkpoint callback is not the fit's
 def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Path, tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "ckpt"

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts processes
 SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).parent.parent
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)

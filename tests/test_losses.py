@@ -296,6 +296,7 @@ def _worker(rank: int, world_size: int) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch() -> None:
     ranks = run_distributed(_worker, 2)
     batch = _global_batch()

@@ -58,6 +58,7 @@ def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.3
     return before, location_accuracy(model, data.views, scenes), 1.0 / model.num_positions
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_short_fit_raises_location_accuracy_far_above_chance():
     before, after, chance = short_fit(IMAGE, REFERENCE, steps=300, base_lr=2e-3)  # 16 positions
@@ -66,6 +67,7 @@ def test_short_fit_raises_location_accuracy_far_above_chance():
     assert after > 2 * chance, (before, after, chance)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_short_fit_learns_location_on_the_released_196_position_grid():
     """14x14 reference cells as released (112 px, patch 8), crops of area 0.8-1 so that queries overlap the

@@ -214,6 +214,7 @@ def test_export_backbone_copies_teacher_and_checkpoint_loads_weights_only(tmp_pa
     assert checkpoint["hyper_parameters"]["backbone"] == "vit_test_patch16"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prototype_precision", ["float32", "bfloat16"])
 def test_compile_all_traces_the_step_with_the_same_losses_and_gradients(monkeypatch, prototype_precision):
     # torch.compile's aot_eager backend traces what inductor would compile (dynamo graphs, autograd) without code

@@ -143,6 +143,7 @@ def _ddp_worker(rank: int, world: int, port: int, preds: torch.Tensor, target: t
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     gen = torch.Generator().manual_seed(3)
     target = torch.randint(0, 4, (6, 8, 8), generator=gen)  # class 4 never labelled

@@ -66,6 +66,7 @@ def backbone_state(module: SegmentationFinetuneModule) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_short_finetune_beats_constant_predictor() -> None:
     """200 AdamW steps on 3-class scenes lift val mIoU far above the best constant prediction of the same val set."""
     L.seed_everything(0)

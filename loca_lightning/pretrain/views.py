@@ -21,11 +21,13 @@ import numpy as np
 from albumentations.augmentations.blur import functional as fblur
 from albumentations.augmentations.pixel import functional as fpixel
 
+from loca_lightning import normalize
+
 # OpenCV's own threads fight with DataLoader workers; parallelism comes from the workers instead.
 cv2.setNumThreads(0)
 
-IMAGENET_MEAN: np.ndarray = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD: np.ndarray = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN: np.ndarray = np.array(normalize.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD: np.ndarray = np.array(normalize.IMAGENET_STD, dtype=np.float32)
 
 Box = tuple[int, int, int, int]  # (y0, x0, h, w): an integer pixel window of the original image
 

@@ -8,17 +8,14 @@ the same masks whichever process it lands on.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import lightning as L
 import torch
+from _fake_loca import FakeLOCADataModule  # tests/, on PYTHONPATH (tests/test_distributed.py)
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _fake_loca import FakeLOCADataModule  # noqa: E402
 
 from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 

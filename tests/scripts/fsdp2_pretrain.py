@@ -6,17 +6,13 @@ Usage: python fsdp2_pretrain.py STEPS STOP_AT(0 = none) CKPT_DIR OUT.pt   (run b
 
 from __future__ import annotations
 
-import os
 import sys
 
 import lightning as L
 import torch
+from _fake_loca import StopAt  # tests/, on PYTHONPATH (tests/test_distributed.py)
+from ddp_pretrain import TINY, SampleMasks, StridedData  # this script's folder
 from lightning.pytorch.strategies import ModelParallelStrategy
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this folder (ddp_pretrain) and tests/ (_fake_loca)
-from _fake_loca import StopAt  # noqa: E402
-from ddp_pretrain import TINY, SampleMasks, StridedData  # noqa: E402
 
 
 def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule:
