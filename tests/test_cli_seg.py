@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from loca_lightning.callbacks import SegmentationPredictionWriter, indexed_png, mask_palette, overlay_image
@@ -58,7 +59,8 @@ def ade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ade_args(root: Path, *extra: str) -> list[str]:
-    """configs/seg_ade.yaml shrunk to a tiny CPU run: the recipe's structure, small sizes."""
+    """configs/seg_ade.yaml shrunk to a tiny CPU run: the recipe's structure, small sizes (the 70x50 images are
+    evaluated and predicted through a test scale, 56x40, and back)."""
     return [
         "--config", str(CONFIGS / "seg_ade.yaml"),
         "--trainer.accelerator", "cpu", "--trainer.precision", "32",
@@ -66,6 +68,7 @@ def ade_args(root: Path, *extra: str) -> list[str]:
         "--trainer.log_every_n_steps", "1",
         "--model.init_args.backbone", "vit_test_patch16", "--model.init_args.image_size", "32",
         "--model.init_args.window", "32", "--model.init_args.stride", "16", "--model.init_args.drop_path_rate", "0.0",
+        "--model.init_args.test_scale", "[96, 40]",
         "--data.init_args.root", str(root), "--data.init_args.num_workers", "0",
         "--data.init_args.persistent_workers", "false", "--data.init_args.pin_memory", "false",
         "--data.init_args.crop_size", "32", "--data.init_args.base_size", "[70, 50]", "--data.init_args.batch_size", "2",
@@ -182,6 +185,28 @@ def test_demo_config_fit_then_predict(tmp_path: Path) -> None:
         values, palette = read_indexed(Path("masks") / f"{name}.png")
         assert values.shape == size[::-1] and values.max() < 9
         assert np.array_equal(palette[:9], SYNTHETIC_PALETTE)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation protocol
+@pytest.mark.parametrize(
+    "config,test_scale,window,stride",
+    [
+        ("seg_ade.yaml", (2048, 512), 512, 512),  # Segmenter / MMSegmentation ADE20K
+        ("seg_context.yaml", (4160, 520), 480, 320),  # Segmenter's code: (8 * 520, 520), short side 520
+        ("seg_cityscapes.yaml", (2048, 1024), 768, 512),
+        ("seg_voc.yaml", (2048, 512), 512, 512),  # MMSegmentation's pascal_voc12
+        ("demo/seg.yaml", None, 64, 32),  # native size
+    ],
+)
+def test_configs_set_the_published_test_protocol(config: str, test_scale, window: int, stride: int, capsys) -> None:
+    """Each dataset config's test scale, window and stride, as the CLI parses them."""
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert info.value.code in (0, None)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    parsed = None if model["test_scale"] is None else tuple(model["test_scale"])
+    assert (parsed, model["inference_mode"], model["window"], model["stride"]) == (test_scale, "slide", window, stride)
+    assert model["eval_scales"] is None and model["eval_flip"] is False
 
 
 # ---------------------------------------------------------------------------------------------- writer helpers

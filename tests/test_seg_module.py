@@ -1,5 +1,6 @@
 """SegmentationFinetuneModule under a plain lightning.Trainer (CPU, tiny sizes): it learns, takes a user decoder,
-initialises from LOCA checkpoints, builds layer-decayed lr groups, freezes, and evaluates at native image size."""
+initialises from LOCA checkpoints, builds layer-decayed lr groups, freezes, and evaluates at the original image size
+(native or through a test scale)."""
 
 from __future__ import annotations
 
@@ -278,11 +279,13 @@ class MetricProbe(L.Callback):
         self.sums = {k: getattr(metric, k).clone() for k in ("area_intersect", "area_union", "area_label")}
 
 
+@pytest.mark.parametrize("test_scale", [None, (100, 40)])
 @pytest.mark.parametrize("mode", ["slide", "whole"])
-def test_native_size_evaluation_keeps_labels(mode: str) -> None:
-    """Padded batches of odd-sized images score exactly the labelled pixels, as image-by-image inference does."""
+def test_evaluation_keeps_labels(mode: str, test_scale: tuple[int, int] | None) -> None:
+    """Padded batches of odd-sized images score exactly the labelled pixels at their original size, as image-by-image
+    inference does, at native size or resized to a test scale (50x70 -> 40x56, 37x45 -> 40x49) and back."""
     torch.manual_seed(0)
-    module = make_module(inference_mode=mode, window=32, stride=16)
+    module = make_module(inference_mode=mode, window=32, stride=16, test_scale=test_scale)
     dataset = OddSizedScenes()
     probe = MetricProbe()
     make_trainer(callbacks=[probe]).validate(module, DataLoader(dataset, batch_size=2, collate_fn=pad_collate))
@@ -291,9 +294,15 @@ def test_native_size_evaluation_keeps_labels(mode: str) -> None:
     assert int(probe.sums["area_label"].sum()) == labelled  # every label at its own pixel, none from padding
     expected = SegmentationMetric(3)
     module.eval()
+    seen: list[tuple[int, int]] = []
+    module.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
     with torch.no_grad():
         for item in items:
-            expected.update(module.predict_logits(item["image"][None]).argmax(1), item["mask"][None])
+            logits = module.predict_logits(item["image"][None])
+            assert logits.shape[-2:] == item["mask"].shape  # scores at the original size, labels untouched
+            expected.update(logits.argmax(1), item["mask"][None])
+    if mode == "whole":  # the model sees each image once, at the test scale
+        assert seen == ([(50, 70), (37, 45)] if test_scale is None else [(40, 56), (40, 49)])
     for key, value in probe.sums.items():
         assert torch.equal(value, getattr(expected, key)), key
     assert np.prod(items[0]["mask"].shape) == 50 * 70

@@ -3,7 +3,8 @@
 Items are ``{"image": uint8 [3, H, W], "mask": int64 [H, W] (255 = ignore), "name", "image_path"}``;
 ImageNet normalisation happens on the accelerator in the LightningModule. Training items are
 crop-sized; evaluation and prediction items keep their native size (labels are never resized) and
-are batched by ``pad_collate`` (image padded with 0, mask with 255, original sizes in ``sizes``).
+are batched by ``pad_collate`` (image padded with 0, mask with 255, original sizes in ``sizes``);
+the LightningModule's ``test_scale``, if any, resizes the images on the accelerator and its scores back.
 Layouts and label conventions are documented in ``seg_layouts``.
 """
 

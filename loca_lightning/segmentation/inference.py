@@ -1,8 +1,21 @@
-"""Inference modes for segmentation: whole image, sliding window, multi-scale + flip.
+"""Inference modes for segmentation: whole image, sliding window, multi-scale + flip, at a test scale or native size.
 
-Every mode is a pure function over ``model(images [B, 3, h, w]) -> logits [B, C, h, w]`` (logits
-already at the input resolution). Call them under ``torch.no_grad()``. Window placement follows
-MMSegmentation's ``slide_inference``; images smaller than the window are padded like Segmenter.
+Every mode is a pure function over ``model(images [B, 3, h, w]) -> logits [B, C, h, w]`` (logits already at the
+input resolution). Call them under ``torch.no_grad()``.
+
+Two protocols, chosen by ``SegmentationInference.test_scale``:
+
+- test scale ``(long, short)``, the published one (Segmenter's ``segm/model/utils.py`` ``inference`` fed by
+  MMSegmentation's test pipeline): each image is resized keeping its aspect ratio to fit the scale
+  (:func:`view_size`, mmcv's ``rescale_size``; bilinear on the uint8 image, rounded like OpenCV), normalised,
+  upsampled further when its short side is below the window (:func:`window_cover_size`, Segmenter's ``resize``),
+  scored by sliding windows, and the averaged logits are resized bilinearly to the ORIGINAL size
+  (:func:`rescaled_inference`), where the metric meets the original labels (labels are never resized);
+- native size (``test_scale=None``): the model sees each image at its own size; images smaller than the window
+  are zero-padded (after normalisation) and the padding is cropped from the logits.
+
+Window placement (:func:`window_starts`) is MMSegmentation's ``slide_inference`` and gives the same windows as
+Segmenter's ``sliding_window`` (starts ``0, s, 2s, ...`` below ``size - window``, then ``size - window``).
 """
 
 from __future__ import annotations
@@ -14,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from loca_lightning.data.transforms import rescale_size
 
 Model = Callable[[Tensor], Tensor]
 MODES = ("whole", "slide")
@@ -42,6 +57,63 @@ def _check_logits(logits: Tensor, batch: int, num_classes: int | None, size: tup
         raise ValueError(f"model returned {logits.shape[1]} channels, expected num_classes={num_classes}")
 
 
+# ---------------------------------------------------------------------------------------------- sizes and resizing
+def view_size(height: int, width: int, test_scale: Sequence[int] | None, ratio: float = 1.0) -> tuple[int, int]:
+    """The (h, w) an image of (height, width) is resized to for one scale ``ratio``, as MMSegmentation computes it.
+
+    With ``test_scale`` (long, short): MultiScaleFlipAug's scale ``(int(long * ratio), int(short * ratio))``, then
+    mmcv's keep-ratio rescale: factor ``min(long' / max(h, w), short' / min(h, w))``, sides ``int(side * factor + 0.5)``
+    (the short side becomes short' unless the long side would pass long'). Without: the same with the image's own
+    size as the scale (MultiScaleFlipAug with ``img_scale=None``), so ratio 1 keeps the native size.
+    """
+    scale = (width, height) if test_scale is None else tuple(test_scale)
+    return rescale_size(height, width, ratio, scale)
+
+
+def window_cover_size(height: int, width: int, window: int) -> tuple[int, int]:
+    """Segmenter's ``resize`` before its sliding window: a short side below ``window`` is upsampled to it.
+
+    The long side becomes ``int(long / short * window)``; an image whose short side reaches the window is unchanged.
+    """
+    if min(height, width) >= window:
+        return height, width
+    if height < width:
+        return window, int(width / height * window)
+    return int(height / width * window), window
+
+
+def resize_image(image: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize of ``image`` [B, 3, H, W] to ``size`` (h, w), half-pixel centres and no antialiasing.
+
+    That is OpenCV's INTER_LINEAR, which mmcv's ``imrescale`` uses on the uint8 image: uint8 input is resized in
+    float32 and rounded back to uint8 (within one grey level of OpenCV's fixed-point result); float input stays
+    float. The same size returns the image itself.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
+        return image
+    if image.dtype == torch.uint8:
+        resized = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
+        return resized.round_().clamp_(0, 255).to(torch.uint8)
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def rescaled_inference(run: Callable[[Tensor], Tensor], image: Tensor, size: Sequence[int]) -> Tensor:
+    """Scores [B, C, H, W] of ``run`` on ``image`` [B, 3, H, W] resized to ``size``, brought back to (H, W).
+
+    ``run`` maps the resized image to scores of any size (e.g. after upsampling to the window); they are resized
+    once, bilinearly with ``align_corners=False``, to the original size, as Segmenter's ``merge_windows`` resizes
+    the averaged window logits to ``ori_shape`` (float32). Scores already at (H, W) come back unchanged.
+    """
+    _check_image(image)
+    height, width = image.shape[-2:]
+    scores = run(resize_image(image, size))
+    if tuple(scores.shape[-2:]) == (height, width):
+        return scores
+    return F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------- modes
 def whole_inference(model: Model, image: Tensor) -> Tensor:
     """Run the model once on the full image: [B, 3, H, W] -> logits [B, C, H, W]."""
     _check_image(image)
@@ -131,12 +203,18 @@ def multiscale_flip_inference(
     stride: int | Sequence[int] | None,
     num_classes: int,
     batch_size: int = 8,
+    test_scale: Sequence[int] | None = None,
+    normalize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Test-time augmentation: log of the softmax probabilities averaged over scales and flips.
+    """Test-time augmentation: log of the softmax probabilities averaged over scales and flips, at (H, W).
 
-    Probabilities, not logits, are averaged (as MMSegmentation does) because logit magnitudes
-    change with resolution while probabilities share one scale. The log makes the result usable
-    like logits: its argmax is the prediction and its softmax is the averaged probability.
+    Each scale is a ratio of the test scale (MMSegmentation's MultiScaleFlipAug, as Segmenter's multi-scale
+    evaluation uses it: :func:`view_size`), or of the image's own size when ``test_scale`` is None. Every view is
+    resized from the original image, flipped, normalised, scored like a single view (with the window upsampling
+    of the test-scale protocol), and its scores are resized to (H, W) and un-flipped before the softmax.
+    Probabilities, not logits, are averaged (as MMSegmentation and Segmenter do) because logit magnitudes change
+    with resolution while probabilities share one scale. The log makes the result usable like logits: its argmax
+    is the prediction and its softmax is the averaged probability.
     """
     _check_image(image)
     if not scales or any(s <= 0 for s in scales):
@@ -145,21 +223,41 @@ def multiscale_flip_inference(
     prob_sum = image.new_zeros((image.shape[0], num_classes, height, width), dtype=torch.float32)
     views = 0
     for scale in scales:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        scaled = (
-            image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        )
+        size = view_size(height, width, test_scale, scale)
         for flipped in (False, True) if flip else (False,):
-            view = scaled.flip(-1) if flipped else scaled
-            logits = _run_mode(model, view, mode, window, stride, num_classes, batch_size).float()
+
+            def run(view: Tensor, flipped: bool = flipped) -> Tensor:
+                view = view.flip(-1) if flipped else view
+                view = normalize(view) if normalize is not None else view
+                return _view_scores(model, view, mode, window, stride, num_classes, batch_size, test_scale is not None)
+
+            scores = rescaled_inference(run, image, size).float()
             if flipped:
-                logits = logits.flip(-1)
-            if size != (height, width):
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            prob_sum += logits.softmax(dim=1)
+                scores = scores.flip(-1)
+            prob_sum += scores.softmax(dim=1)
             views += 1
     mean_prob = prob_sum / views
     return mean_prob.clamp_min(torch.finfo(mean_prob.dtype).tiny).log()
+
+
+def _view_scores(
+    model: Model,
+    image: Tensor,
+    mode: str,
+    window: int | Sequence[int] | None,
+    stride: int | Sequence[int] | None,
+    num_classes: int,
+    batch_size: int,
+    upsample_to_window: bool,
+) -> Tensor:
+    """Scores of one (resized, normalised) view; with ``upsample_to_window`` (the test-scale protocol), a slide view
+    whose short side is below the window is first upsampled to it, and the scores come back at that size."""
+    if upsample_to_window and mode == "slide" and window is not None:
+        win_h, win_w = _pair(window, "window")
+        if win_h != win_w:
+            raise ValueError(f"upsampling to the window (test-scale protocol) needs a square window, got {window!r}")
+        image = resize_image(image, window_cover_size(image.shape[-2], image.shape[-1], win_h))
+    return _run_mode(model, image, mode, window, stride, num_classes, batch_size)
 
 
 def _run_mode(
@@ -184,10 +282,12 @@ def _run_mode(
 
 @dataclass
 class SegmentationInference:
-    """How to turn a model into full-image scores: mode, window, stride, scales, flip, batch size.
+    """How to turn a model into full-image scores: test scale, mode, window, stride, scales, flip, batch size.
 
-    ``__call__`` returns logits [B, C, H, W] for a single view and log mean probabilities for
-    multi-scale/flip; in both cases argmax is the prediction and softmax the probabilities.
+    ``test_scale`` (long, short), e.g. ADE20K's (2048, 512), selects the published protocol (see the module
+    docstring); None evaluates at native size. ``scales`` are ratios of the test scale (of the native size when
+    None). ``__call__`` returns logits [B, C, H, W] at the original size for a single view and log mean
+    probabilities for multi-scale/flip; in both cases argmax is the prediction and softmax the probabilities.
     """
 
     mode: str = "whole"
@@ -196,6 +296,7 @@ class SegmentationInference:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     batch_size: int = 8
+    test_scale: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -206,6 +307,12 @@ class SegmentationInference:
             win, stride = _pair(self.window, "window"), _pair(self.stride, "stride")
             if stride[0] > win[0] or stride[1] > win[1]:
                 raise ValueError(f"stride {stride} larger than window {win} leaves pixels uncovered")
+            if self.test_scale is not None and win[0] != win[1]:
+                raise ValueError(
+                    f"test_scale needs a square window (Segmenter upsamples a short side below it), got {self.window!r}"
+                )
+        if self.test_scale is not None:
+            self.test_scale = _pair(tuple(self.test_scale), "test_scale")
         self.scales = tuple(float(s) for s in self.scales)
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"scales must be a non-empty sequence of positive floats, got {self.scales!r}")
@@ -217,10 +324,27 @@ class SegmentationInference:
         """True when no test-time augmentation is asked for (one scale of 1.0, no flip)."""
         return self.scales == (1.0,) and not self.flip
 
-    def __call__(self, model: Model, image: Tensor, num_classes: int) -> Tensor:
-        """Scores [B, C, H, W] for ``image`` [B, 3, H, W] under this configuration."""
-        if self.is_single_view:
-            return _run_mode(model, image, self.mode, self.window, self.stride, num_classes, self.batch_size)
-        return multiscale_flip_inference(
-            model, image, self.scales, self.flip, self.mode, self.window, self.stride, num_classes, self.batch_size
-        )
+    def __call__(
+        self, model: Model, image: Tensor, num_classes: int, normalize: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """Scores [B, C, H, W] for ``image`` [B, 3, H, W] under this configuration.
+
+        ``normalize`` runs on each view after its resize to the test scale: MMSegmentation resizes the uint8
+        image, then normalises (see :func:`resize_image`). Without it, ``image`` must be what ``model`` takes.
+        """
+        _check_image(image)
+        if not self.is_single_view:
+            return multiscale_flip_inference(
+                model, image, self.scales, self.flip, self.mode, self.window, self.stride, num_classes,
+                self.batch_size, self.test_scale, normalize,
+            )  # fmt: skip
+        upsample = self.test_scale is not None
+
+        def run(view: Tensor) -> Tensor:
+            view = normalize(view) if normalize is not None else view
+            return _view_scores(
+                model, view, self.mode, self.window, self.stride, num_classes, self.batch_size, upsample
+            )
+
+        size = view_size(image.shape[-2], image.shape[-1], self.test_scale)
+        return rescaled_inference(run, image, size)

@@ -1,8 +1,11 @@
 """SegmentationFinetuneModule: a ViT backbone (from LOCA, timm weights or scratch) plus a Segmenter decoder.
 
 Training follows the Segmenter protocol (SGD momentum 0.9, lr 1e-3, polynomial decay 0.9 per step, cross-entropy
-with 255 ignored); evaluation runs sliding-window (or whole / multi-scale + flip) inference at each image's native
-size and accumulates MMSegmentation-style mIoU over the whole dataset, synced across processes.
+with 255 ignored). Evaluation and prediction follow Segmenter's test protocol when ``test_scale`` is set (the image
+resized keeping its aspect ratio to the test scale, sliding windows, logits resized back to the original size; see
+``segmentation.inference``), or run at each image's native size when it is None; either way the metric compares
+predictions at the original size with the original labels and accumulates MMSegmentation-style mIoU over the whole
+dataset, synced across processes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class SegmentationFinetuneModule(L.LightningModule):
 
     Batches: ``image`` uint8 ``[B,3,H,W]`` (normalised here, on the device) and ``mask`` int64 ``[B,H,W]``
     (255 = ignore). Evaluation batches may carry ``sizes`` ``[B,2]`` when images were padded to batch them.
+
+    ``test_scale`` (long, short), e.g. ADE20K's ``(2048, 512)``: evaluation and prediction resize each image keeping
+    its aspect ratio to that scale (then, in slide mode, up to the window if its short side is still below it), and
+    resize the scores back to the original size (Segmenter's protocol); ``None``: native size. ``eval_scales`` are
+    ratios of the test scale (of the native size when None).
 
     Without ``pretrained``, ``init`` picks the random initialisation: ``"timm"`` (truncated normal 0.02) or
     ``"release"`` (LOCA's own starting point, as in :class:`~loca_lightning.LOCAPretrainModule`), so that a
@@ -69,6 +77,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         eval_scales: list[float] | None = None,
         eval_flip: bool = False,
         inference_batch_size: int = 8,
+        test_scale: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "decoder"] if isinstance(decoder, nn.Module) else ["optimizer"])
@@ -109,6 +118,7 @@ class SegmentationFinetuneModule(L.LightningModule):
             scales=tuple(eval_scales or (1.0,)),
             flip=eval_flip,
             batch_size=inference_batch_size,
+            test_scale=test_scale,
         )
         self.optimizer_factory = optimizer
         self.val_metric = SegmentationMetric(num_classes, ignore_index)
@@ -129,8 +139,10 @@ class SegmentationFinetuneModule(L.LightningModule):
         return logits[..., :height, :width]
 
     def predict_logits(self, image: Tensor) -> Tensor:
-        """Full-image scores ``[B,C,H,W]`` for uint8 or normalised images with the configured inference mode."""
-        return self.inference(self, self.normalize(image), self.hparams.num_classes)
+        """Full-image scores ``[B,C,H,W]`` at the image's own size for uint8 or normalised images, with the configured
+        inference (test scale, mode, scales, flip); uint8 images are resized before they are normalised, as in
+        MMSegmentation's test pipeline."""
+        return self.inference(self, image, self.hparams.num_classes, normalize=self.normalize)
 
     # ------------------------------------------------------------------ setup checks
     def setup(self, stage: str) -> None:
@@ -183,7 +195,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         self.test_metric.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Class-index masks (uint8/int16 on CPU) at each image's native size, with names and paths."""
+        """Class-index masks (uint8/int16 on CPU) at each image's original size, with names and paths."""
         sizes = batch.get("sizes")
         masks = []
         for i in range(batch["image"].shape[0]):
