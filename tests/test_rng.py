@@ -34,14 +34,16 @@ def test_state_round_trips_through_a_weights_only_checkpoint():
     assert _draws(restored) == expected
 
 
+def _seed_all(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def test_own_rng_leaves_training_streams_unchanged():
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
+    _seed_all()
     expected = _draws()
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
+    _seed_all()
     side = OwnRNG(seed=7)
     with side.active():
         first = _draws()
@@ -52,13 +54,9 @@ def test_own_rng_leaves_training_streams_unchanged():
 
 
 def test_isolated_rng_restores_the_global_streams():
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
+    _seed_all()
     expected = _draws()
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
+    _seed_all()
     with isolated_rng():
         _draws()
     assert _draws() == expected
