@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone
+from loca_lightning.backbones.checkpoints import load_module_weights
 from loca_lightning.backbones.vit import ViT, release_init_vit_
 from loca_lightning.checkpointing import RNG_KEY, capture_rng_state, restore_rng_state, warn_hparam_changes
 from loca_lightning.normalize import Normalize
@@ -167,6 +168,9 @@ class LOCAPretrainModule(L.LightningModule):
     Initialisation: ``init="release"`` (default) initialises backbone and heads as the released flax code does
     (:func:`release_init_`); ``"timm"`` keeps timm's truncated normal(0.02). Target ranges are checked on the
     first batch; set ``check_target_ranges = True`` on the instance to check every step (one host sync per step).
+    ``init_weights``: a module checkpoint (``loca import-release`` writes one) whose student, teacher and heads are
+    loaded strictly after that, e.g. to continue from the released weights (with ``backbone_kwargs.act_layer`` as
+    the checkpoint's).
 
     ``compile``: ``"blocks"`` compiles each transformer block of student and teacher in place (state-dict keys
     unchanged); ``"all"`` also compiles the heads with their losses and the teacher's Sinkhorn targets (the work
@@ -214,6 +218,7 @@ class LOCAPretrainModule(L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         compile: bool | Literal["blocks", "all"] = False,
         init: Literal["release", "timm"] = "release",
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -238,7 +243,10 @@ class LOCAPretrainModule(L.LightningModule):
         self.num_positions = self.reference_grid**2
         self.reference_keep = max(1, round(reference_keep_ratio * self.num_positions))
         heads = vit.blocks[0].attn.num_heads
-        location_head = LocationHead(vit.embed_dim, heads, self.num_positions, mlp_ratio=vit.timm_config["mlp_ratio"])
+        act_layer = (backbone_kwargs or {}).get("act_layer")  # the heads' MLPs use the backbone's activation
+        location_head = LocationHead(
+            vit.embed_dim, heads, self.num_positions, mlp_ratio=vit.timm_config["mlp_ratio"], act_layer=act_layer
+        )
         projection = (
             ProjectionHead(
                 vit.embed_dim,
@@ -246,6 +254,7 @@ class LOCAPretrainModule(L.LightningModule):
                 projection_dim,
                 num_prototypes,
                 prototype_precision=prototype_precision,
+                act_layer=act_layer,
             )
             if apply_cluster_loss
             else None
@@ -256,6 +265,8 @@ class LOCAPretrainModule(L.LightningModule):
             raise ValueError(f"init must be 'release' or 'timm', got {init!r}")
         self.student = LOCAStudent(vit, location_head, projection)
         self.teacher = LOCATeacher(self.student) if apply_cluster_loss else None
+        if init_weights is not None:  # e.g. `loca import-release`'s checkpoint: student, teacher and heads, strictly
+            load_module_weights(self, init_weights, act_layer=act_layer)
         self.optimizer_factory = optimizer
         self.normalize = Normalize()
         self.total_steps = 1
