@@ -1,10 +1,11 @@
-"""The ``loca`` command: LightningCLI (fit / validate / test / predict) plus ``loca export``.
+"""The ``loca`` command: LightningCLI (fit / validate / test / predict) plus ``loca export`` and ``loca import-release``.
 
 Model and data are chosen in the config by class path, so one entry point serves pretraining and segmentation::
 
     loca fit --config configs/pretrain.yaml
     loca test --config configs/seg_ade.yaml --ckpt_path runs/seg_ade/.../last.ckpt
     loca export runs/pretrain/.../last.ckpt vit_b16_loca.pth --weights teacher
+    loca import-release /path/to/release/checkpoint_100000 imported/loca_vitb16
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from loca_lightning.data.pretrain import keep_freed_memory
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
     "Subcommands: fit, validate, test, predict (LightningCLI, configured with --config FILE) and "
-    "`loca export CKPT OUT [--weights teacher|student] [--force]` (timm weights)."
+    "`loca export CKPT OUT [--weights teacher|student] [--force]` (timm weights) and "
+    "`loca import-release SRC OUT [--weights teacher|student] [--force] [--custom-size]` (the authors' flax checkpoints "
+    "as a LOCA module checkpoint and timm weights)."
 )
 
 
@@ -128,6 +131,11 @@ def main(args: Sequence[str] | None = None) -> None:
         from loca_lightning.export import export_main
 
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "import-release":
+        from loca_lightning.release import import_release_main
+
+        import_release_main(argv[1:])
         return
     LOCACLI(args=None if args is None else argv)
 

@@ -69,15 +69,28 @@ def export_checkpoint(
     checkpoint = load_weights_file(ckpt, trust=trust)
     which = which or default_weights(checkpoint)
     backbone = backbone_from_checkpoint(checkpoint, which)
+    return write_timm_files(backbone, out, str(ckpt), which)
+
+
+def write_timm_files(backbone: ViT, out: str | Path, source: str, which: str) -> str:
+    """Write ``backbone`` as a timm state dict ``out`` and its config ``out`` + ``.json``; return the
+    ``timm.create_model`` call that loads it (``source``, ``which``: recorded in the JSON)."""
+    out = Path(out)
     name, kwargs = timm_model_kwargs(backbone)
     call = timm_create_model_call(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(export_timm_state_dict(backbone), tmp)
     tmp.replace(out)  # atomic: no half-written file if killed
-    config = {"timm_name": name, "timm_kwargs": kwargs, "source_checkpoint": str(ckpt), "weights": which}
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    config = {"timm_name": name, "timm_kwargs": kwargs, "source_checkpoint": source, "weights": which}
+    out.with_name(out.name + ".json").write_text(json.dumps(config, indent=2) + "\n")
     return call
+
+
+def load_instructions(out: str | Path, call: str) -> str:
+    """The lines that load exported weights ``out`` with timm (printed by ``loca export`` and ``loca import-release``)."""
+    return "\n".join(["import timm, torch", f"model = {call}",
+                      f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=True)"])
 
 
 def export_main(argv: Sequence[str]) -> None:
@@ -104,6 +117,4 @@ def export_main(argv: Sequence[str]) -> None:
     except (FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
         parser.exit(2, f"loca export: error: {error}\n")
     print(f"wrote {args.out} and {args.out}.json; load it with:")
-    print("import timm, torch")
-    print(f"model = {call}")
-    print(f"model.load_state_dict(torch.load({args.out!r}, weights_only=True), strict=True)")
+    print(load_instructions(args.out, call))

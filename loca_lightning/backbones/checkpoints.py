@@ -151,3 +151,74 @@ def timm_create_model_call(backbone: ViT) -> str:
 def export_timm_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
     """A detached, contiguous float32 copy of the backbone's state dict, in timm's key format."""
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in backbone.state_dict().items()}
+
+
+def _activation_name(act_layer: Any) -> str:
+    """A comparable name: unset (``None``) and ``"gelu"`` are both the exact GELU of timm's default."""
+    if act_layer is None:
+        return "gelu"
+    return act_layer if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
+
+
+def recorded_activation(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """``(recorded, act_layer)``: the MLP activation a weights file was made with, where it says so.
+
+    A loca-lightning checkpoint records it in ``hyper_parameters.backbone_kwargs.act_layer`` (absent: timm's exact
+    GELU); a timm state dict written by ``loca export`` in its sibling ``<file>.json`` (``timm_kwargs.act_layer``).
+    Any other file records nothing: ``(False, None)``.
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, Mapping):
+        return True, dict(hparams.get("backbone_kwargs") or {}).get("act_layer")
+    sidecar = Path(path).with_name(Path(path).name + ".json")
+    if sidecar.is_file():
+        import json
+
+        try:
+            config = json.loads(sidecar.read_text())
+        except ValueError as error:
+            raise ValueError(f"{str(sidecar)!r} is not valid JSON ({error})") from error
+        if isinstance(config, Mapping) and isinstance(config.get("timm_kwargs"), Mapping):
+            return True, config["timm_kwargs"].get("act_layer")
+    return False, None
+
+
+def check_activation(act_layer: Any, path: str | os.PathLike, checkpoint: Mapping[str, Any], key: str,
+                     adopt: bool = True) -> Any:
+    """The activation to build with: the user's ``act_layer`` when set, else (``adopt``) the one ``checkpoint`` records.
+
+    Raises ValueError naming both and the config ``key`` when they differ: the user set another one, or (``adopt=False``,
+    the model is built already) left it unset while the checkpoint records another one.
+    """
+    recorded, theirs = recorded_activation(path, checkpoint)
+    if not recorded or (act_layer is None and adopt):
+        return theirs if recorded else act_layer
+    if _activation_name(act_layer) != _activation_name(theirs):
+        mine = repr(_activation_name(act_layer)) if act_layer is not None else "unset (exact GELU)"
+        raise ValueError(
+            f"{str(path)!r} was trained with act_layer {_activation_name(theirs)!r} but {key} is {mine}: "
+            f"set {key}: {_activation_name(theirs)}"
+        )
+    return act_layer
+
+
+def load_module_weights(module: nn.Module, path: str | os.PathLike, act_layer: Any = None,
+                        prefixes: tuple[str, ...] = ("student.", "teacher.")) -> None:
+    """Load the weights under ``prefixes`` of a module checkpoint (e.g. ``loca import-release``'s) into ``module``,
+    strictly: a missing, unexpected or mis-shaped key is an error naming the file and the keys, and so is an activation
+    other than ``act_layer`` (the module's ``backbone_kwargs.act_layer``). Other entries (a run's counters) are not
+    weights and are left as they are."""
+    checkpoint = load_weights_file(path)
+    check_activation(act_layer, path, checkpoint, "model.backbone_kwargs.act_layer", adopt=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    mismatched = [f"{k}: {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+                  if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{name} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
+        raise ValueError(f"weights in {str(path)!r} do not fit this model: " + "; ".join(parts))
+    module.load_state_dict(theirs, strict=False)  # every key under the prefixes is present and checked above

@@ -6,11 +6,12 @@ parametrisation), so EMA copies, FSDP wrapping and checkpoints treat them like a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Mlp, get_act_layer
 from torch import Tensor, nn
 
 from loca_lightning.backbones.vit import attention
@@ -57,6 +58,19 @@ class Bf16DotFp32(torch.autograd.Function):
         return grad_a, grad_b
 
 
+ActLayer = str | Callable[..., nn.Module] | None
+
+
+def _activation(act_layer: ActLayer) -> Callable[..., nn.Module]:
+    """The MLP activation: ``None`` is exact GELU; a name as timm's ``act_layer`` (``"gelu_tanh"``: flax's GELU)."""
+    if act_layer is None:
+        return nn.GELU
+    layer = get_act_layer(act_layer)
+    if layer is None:
+        raise ValueError(f"unknown activation {act_layer!r}")
+    return layer
+
+
 def _init_timm_style(module: nn.Module) -> None:
     """timm's ViT init: truncated normal (std .02) Linear weights, zero biases, LayerNorm ones/zeros."""
     if isinstance(module, nn.Linear):
@@ -97,7 +111,8 @@ class LocationHead(nn.Module):
     layer to one logit per reference position: ``forward(query [B, Q, D], reference [B, R, D]) -> [B, Q, P]``.
 
     Every query token is processed independently given the reference, so tokens of several query views of
-    the same image may be concatenated along Q and processed in one call with the same result.
+    the same image may be concatenated along Q and processed in one call with the same result. ``act_layer``: the
+    MLP's activation (exact GELU by default; ``"gelu_tanh"`` for the released weights), as the backbone's.
     """
 
     def __init__(
@@ -107,6 +122,7 @@ class LocationHead(nn.Module):
         num_positions: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        act_layer: ActLayer = None,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0 or num_positions <= 0:
@@ -121,7 +137,7 @@ class LocationHead(nn.Module):
         self.norm_reference = nn.LayerNorm(dim, eps=_LN_EPS)
         self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm_mlp = nn.LayerNorm(dim, eps=_LN_EPS)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=_activation(act_layer))
         self.norm_out = nn.LayerNorm(dim, eps=_LN_EPS)
         self.position_predictor = nn.Linear(dim, num_positions)
         self.apply(_init_timm_style)
@@ -158,7 +174,8 @@ class ProjectionHead(nn.Module):
     layer's product but keeps float32 sums and cosines (:class:`Bf16DotFp32`; largest error over 4096 x 4096 unit
     vector pairs 8e-4, against 1.5e-3 for a bf16 result and 7e-7 in float32): the numerics of the released code on
     TPUs, and one bf16 kernel instead of a float32 one on GPUs (+2-3% images/s for the ViT-B/16 step on an H100,
-    README). On the CPU it gives the same numbers through a float32 product (no speed-up there).
+    README). On the CPU it gives the same numbers through a float32 product (no speed-up there). ``act_layer``: the
+    MLP's activation between its Linear layers (exact GELU by default; ``"gelu_tanh"`` for the released weights).
     """
 
     def __init__(
@@ -169,6 +186,7 @@ class ProjectionHead(nn.Module):
         num_prototypes: int = 4096,
         num_layers: int = 3,
         prototype_precision: Literal["float32", "bfloat16"] = "float32",
+        act_layer: ActLayer = None,
     ) -> None:
         super().__init__()
         check_prototype_precision(prototype_precision)
@@ -185,10 +203,11 @@ class ProjectionHead(nn.Module):
         self.in_dim = in_dim
         # num_layers counts Linear layers: D -> hidden (-> hidden)* -> bottleneck, GELU between them.
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        act = _activation(act_layer)
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
-                layers.append(nn.GELU())
+                layers.append(act())
             layers.append(nn.Linear(d_in, d_out))
         self.mlp = nn.Sequential(*layers)
         self.prototypes = nn.Linear(bottleneck_dim, num_prototypes, bias=False)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from loca_lightning.backbones import build_backbone
+from loca_lightning.backbones.checkpoints import load_module_weights
 from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.nonfinite import NonFiniteGuard
 from loca_lightning.normalize import Normalize
@@ -39,6 +40,8 @@ class LOCAPretrainModule(L.LightningModule):
     ``shared_drop_path``: the teacher's reference pass and the student's large-query pass skip the same blocks for
     the same image, as released. ``compile``: ``"blocks"`` or ``"all"`` (also heads and losses; ``true`` = "all"),
     in place. ``prototype_precision="bfloat16"``: the release's TPU numerics for the prototype layer (heads.py).
+    ``init_weights``: a module checkpoint (``loca import-release`` writes one) loaded strictly into student, teacher
+    and heads (with ``backbone_kwargs.act_layer`` as the checkpoint's; the heads follow the backbone's activation).
     Subclasses may override ``select_reference_keep``, ``select_query_keep``, ``drop_path_scales``,
     ``encode_reference``, ``encode_queries`` and ``compute_losses``.
     """
@@ -79,6 +82,7 @@ class LOCAPretrainModule(L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         compile: bool | Literal["blocks", "all"] = False,
         init: Literal["release", "timm"] = "release",
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -91,8 +95,13 @@ class LOCAPretrainModule(L.LightningModule):
         self.num_positions = self.reference_grid**2
         self.reference_keep = masks.reference_keep_count(reference_keep_ratio, self.num_positions)
         projection = (projection_hidden_dim, projection_dim, num_prototypes) if apply_cluster_loss else None
-        self.student = build_student(vit, self.num_positions, projection, prototype_precision, init == "release")
+        act_layer = (backbone_kwargs or {}).get("act_layer")  # the heads' MLPs use the backbone's activation
+        self.student = build_student(
+            vit, self.num_positions, projection, prototype_precision, init == "release", act_layer=act_layer
+        )
         self.teacher = LOCATeacher(self.student) if apply_cluster_loss else None
+        if init_weights is not None:  # e.g. `loca import-release`'s checkpoint: student, teacher and heads, strictly
+            load_module_weights(self, init_weights, act_layer=act_layer)
         # The loss functions the step calls; compile "all" swaps in compiled versions (performance.py).
         self.location_loss, self.clustering_loss = losses.location_loss, losses.clustering_loss
         self.me_max_loss, self.sinkhorn = losses.me_max_loss, losses.sinkhorn_knopp

@@ -43,16 +43,21 @@ def build_student(
     projection: tuple[int, int, int] | None,
     prototype_precision: str = "float32",
     release_init: bool = True,
+    act_layer: str | None = None,
 ) -> LOCAStudent:
     """The student around ``backbone``: a location head with one logit per reference position (the backbone's
     width, heads and MLP ratio) and, unless ``projection`` is None, a projection head of ``(hidden, bottleneck,
-    prototypes)``; initialised as the release does (else timm's truncated normal)."""
+    prototypes)``; the heads' MLPs use ``act_layer`` (timm's name, e.g. ``gelu_tanh``; None: exact GELU);
+    initialised as the release does (else timm's truncated normal)."""
     heads = backbone.blocks[0].attn.num_heads
-    location_head = LocationHead(backbone.embed_dim, heads, num_positions, mlp_ratio=backbone.timm_config["mlp_ratio"])
+    mlp_ratio = backbone.timm_config["mlp_ratio"]
+    location_head = LocationHead(backbone.embed_dim, heads, num_positions, mlp_ratio=mlp_ratio, act_layer=act_layer)
     head = (
         None
         if projection is None
-        else ProjectionHead(backbone.embed_dim, *projection, prototype_precision=prototype_precision)
+        else ProjectionHead(
+            backbone.embed_dim, *projection, prototype_precision=prototype_precision, act_layer=act_layer
+        )
     )
     if release_init:
         release_init_(backbone, location_head, head)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.backbones.checkpoints import check_activation, load_weights_file
 from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.normalize import Normalize
@@ -85,9 +86,16 @@ class SegmentationFinetuneModule(L.LightningModule):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        self.backbone = build_backbone(
-            backbone, img_size=image_size, drop_path_rate=drop_path_rate, **(backbone_kwargs or {})
-        )
+        backbone_kwargs = dict(backbone_kwargs or {})
+        pretrained_checkpoint = load_weights_file(pretrained, trust=trust_checkpoint) if pretrained else None
+        if pretrained_checkpoint is not None:  # the MLP activation follows the weights (tanh GELU for the release's)
+            act_layer = check_activation(backbone_kwargs.get("act_layer"), pretrained, pretrained_checkpoint,
+                                         "model.backbone_kwargs.act_layer")
+            if act_layer is not None and "act_layer" not in backbone_kwargs:
+                log.info("act_layer %r adopted from %s", act_layer, pretrained)
+                backbone_kwargs["act_layer"] = act_layer
+                self.hparams["backbone_kwargs"] = backbone_kwargs  # saved checkpoints rebuild the same network
+        self.backbone = build_backbone(backbone, img_size=image_size, drop_path_rate=drop_path_rate, **backbone_kwargs)
         if init == "release":  # the initialisation LOCA pretraining starts from (a fair "random init" baseline)
             release_init_vit_(self.backbone)
         elif init != "timm":
@@ -98,7 +106,7 @@ class SegmentationFinetuneModule(L.LightningModule):
                 raise ValueError(f"{key}={value} is not a multiple of the patch size {patch} of {backbone}")
         if pretrained:
             try:
-                load_backbone_weights(self.backbone, pretrained, which=pretrained_weights, trust=trust_checkpoint)
+                load_backbone_weights(self.backbone, pretrained_checkpoint, which=pretrained_weights)
             except (ValueError, KeyError) as error:
                 raise ValueError(f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}") from error
             log.info("backbone initialised from %s (%s weights)", pretrained, pretrained_weights)
