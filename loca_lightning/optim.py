@@ -35,10 +35,12 @@ def poly(step: int, total_steps: int, power: float = 0.9, min_ratio: float = 0.0
 
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """Teacher momentum at ``step``: cosine from ``base`` (step 0) to ``final`` (last step, ``total_steps - 1``)."""
-    if total_steps <= 1:
+    """Teacher momentum at ``step``: cosine from ``base`` (step 0) towards ``final`` at ``total_steps``, as the
+    release's ``constant*cosine_decay`` schedule (progress ``step / total_steps``: the last step's momentum is just
+    below ``final``)."""
+    if total_steps < 1:
         return final
-    progress = min(1.0, step / (total_steps - 1))
+    progress = min(1.0, step / total_steps)
     return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

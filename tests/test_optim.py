@@ -28,9 +28,10 @@ def test_poly_table():
 
 
 def test_ema_momentum_first_middle_last():
-    total = 101
+    total = 100
     assert ema_momentum(0, total) == pytest.approx(0.996)
     assert ema_momentum(50, total) == pytest.approx(1 - 0.004 * 0.5)  # cos(pi/2) = 0
+    assert ema_momentum(99, total) == pytest.approx(1 - 0.004 * 0.5 * (1 + math.cos(math.pi * 0.99)))  # last step
     assert ema_momentum(100, total) == pytest.approx(1.0)
     assert ema_momentum(25, total) == pytest.approx(1 - 0.004 * 0.5 * (1 + math.cos(math.pi * 0.25)))
 
