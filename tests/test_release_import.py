@@ -406,3 +406,23 @@ def test_pretraining_starts_from_the_import(imported, tmp_path):
                                          r"student.projection.prototypes.weight"):
         LOCAPretrainModule(**{**kwargs, "num_prototypes": 32}, init_weights=str(path))
     assert LOCAPretrainModule.load_from_checkpoint(path, weights_only=True).hparams.num_prototypes == 64
+
+
+def test_a_checkpoint_trained_with_another_activation_is_refused_on_load():
+    # `loca test --ckpt_path` builds the model from the config, then loads the checkpoint: a tanh-GELU checkpoint must
+    # not silently run with exact GELU
+    from loca_lightning.pretrain.module import LOCAPretrainModule
+    from loca_lightning.segmentation.module import SegmentationFinetuneModule
+
+    seg = dict(num_classes=3, backbone="vit_test_patch16", image_size=32, drop_path_rate=0.0)
+    tanh = SegmentationFinetuneModule(**seg, backbone_kwargs={"act_layer": "gelu_tanh"})
+    checkpoint = {"state_dict": tanh.state_dict(), "hyper_parameters": dict(tanh.hparams)}
+    with pytest.raises(ValueError, match="act_layer 'gelu_tanh'.*model.init_args.backbone_kwargs.act_layer"):
+        SegmentationFinetuneModule(**seg).on_load_checkpoint(checkpoint)
+    SegmentationFinetuneModule(**seg, backbone_kwargs={"act_layer": "gelu_tanh"}).on_load_checkpoint(checkpoint)
+    loca = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=16, projection_hidden_dim=32,
+                projection_dim=8)  # fmt: skip
+    pretrained = LOCAPretrainModule(**loca, backbone_kwargs={"act_layer": "gelu_tanh"})
+    checkpoint = {"state_dict": pretrained.state_dict(), "hyper_parameters": dict(pretrained.hparams)}
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        LOCAPretrainModule(**loca).on_load_checkpoint(checkpoint)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from loca_lightning.backbones import build_backbone
-from loca_lightning.backbones.checkpoints import load_module_weights
+from loca_lightning.backbones.checkpoints import check_activation, load_module_weights
 from loca_lightning.checkpointing import warn_hparam_changes
 from loca_lightning.nonfinite import NonFiniteGuard
 from loca_lightning.normalize import Normalize
@@ -280,7 +280,9 @@ class LOCAPretrainModule(L.LightningModule):
         checkpoint[RNG_KEY] = capture_rng_state({"mask": self.mask_generator.state()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random state; warn about changed hyperparameters."""
+        """Restore the random state; warn about changed hyperparameters; refuse another MLP activation."""
+        mine = dict(self.hparams.backbone_kwargs or {}).get("act_layer")
+        check_activation(mine, "the checkpoint", checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
         if migrate_checkpoint(checkpoint, self.student, self.hparams.weight_decay):
             log.warning("checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
                         "now weight-decayed as in the release")  # fmt: skip

@@ -246,7 +246,10 @@ class SegmentationFinetuneModule(L.LightningModule):
         checkpoint[RNG_KEY] = capture_rng_state()  # drop path draws from the global RNG: exact resume needs it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random state; warn (``key: old -> new``) when the checkpoint had other hyperparameters."""
+        """Restore the random state; warn (``key: old -> new``) when the checkpoint had other hyperparameters; refuse
+        one trained with another MLP activation (the weights would load and compute something else)."""
+        mine = dict(self.hparams.backbone_kwargs or {}).get("act_layer")
+        check_activation(mine, "the checkpoint", checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
         saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(self.hparams)
         if checkpoint.get("pretrained_source"):  # cleared on save (see above): compare with what it was
             saved["pretrained"] = checkpoint["pretrained_source"]
