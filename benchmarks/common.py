@@ -21,7 +21,7 @@ from loca_lightning.pretrain.masks import query_keep_count
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.pretrain.networks import QKV_BIASES
 
-# The released geometry (docs/loca-spec.md section 1): 224 px reference and large query, nine 96 px focal queries.
+# The released geometry (scenic/projects/loca/configs/loca_imnet1k_base16.py): 224 px reference and large query, nine 96 px focal queries.
 RELEASED = dict(reference_size=224, query_size=224, focal_size=96, num_focal=9)
 
 # The step calls self.log() without a Trainer; Lightning warns once per call site and returns.
@@ -184,7 +184,7 @@ class TrainStep:
 
     ``training_step`` under autocast (``bf16-mixed``) or not (``32``), backward, gradient-norm clip, AdamW
     (fused or foreach, with the module's parameter groups), zero_grad, then the teacher's EMA update as in
-    ``on_train_batch_end``. No Trainer: ``self.log`` calls return early, so Lightning's own loop cost is left out.
+    ``LOCAPretrainModule.optimizer_step``. No Trainer: ``self.log`` calls return early, so Lightning's own loop cost is left out.
     """
 
     def __init__(

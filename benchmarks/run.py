@@ -1,6 +1,6 @@
 """`make bench`: data pipeline, LOCA training step and segmentation inference throughput on this machine's CPU.
 
-    python benchmarks/run.py --out bench_results/bench.json            # everything (~10 min on 2 cores)
+    python benchmarks/run.py --out bench_results/bench.json            # everything (~10-15 min on 2 cores)
     python benchmarks/run.py --parts step --models vit_small_patch16   # one part, one model
     python benchmarks/run.py --quick                                   # a shorter run (fewer repeats and images)
     python benchmarks/run.py --parts step --compile                    # also the step with compile: all (inductor)

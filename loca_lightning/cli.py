@@ -115,9 +115,8 @@ def tune_malloc() -> None:
     """Let glibc keep freed memory for reuse in this process unless ``LOCA_KEEP_FREED_MEMORY=0``.
 
     Training allocates and frees the same large temporaries every step; by default glibc unmaps them and the next
-    step page-faults them in again. Measured on the 2-core CPU (benchmarks/README.md, `run.py --keep-memory both`,
-    idle machine): LOCA step at batch 8 in bf16, ViT-S/16 2.84 -> 2.50 s, ViT-Ti/16 1.49 -> 1.12 s, for 240 MB
-    more peak memory. DataLoader workers always do this (``keep_freed_memory`` is their ``worker_init_fn``).
+    step page-faults them in again (the gain and the memory it costs: benchmarks/README.md, `run.py --keep-memory
+    both`). DataLoader workers always do this (``keep_freed_memory`` is their ``worker_init_fn``).
     """
     if os.environ.get("LOCA_KEEP_FREED_MEMORY", "1") != "0":
         keep_freed_memory()

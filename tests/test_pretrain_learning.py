@@ -73,7 +73,7 @@ def test_short_fit_learns_location_on_the_released_196_position_grid():
     """14x14 reference cells as released (112 px, patch 8), crops of area 0.8-1 so that queries overlap the
     reference mostly; the band mask (39 of 196 visible reference tokens), flips and focal queries as released.
     Measured: 0.0035 before, 0.032 after 500 steps (6.2x chance; 7.8x after 800 steps at lr 2e-3). With the released
-    crop areas (0.32-1) 300 steps reach only 1.8x: the location task starts on a plateau (README, demo findings)."""
+    crop areas (0.32-1) 300 steps reach only 1.8x: the location task starts on a plateau (docs/experiments.md)."""
     before, after, chance = short_fit(128, 112, steps=500, base_lr=3e-3, scale=(0.8, 1.0))
     assert chance == 1 / 196
     assert before < 1.5 * chance, (before, chance)

@@ -132,7 +132,7 @@ def release_init_vit_(vit: VisionTransformer) -> None:
     the output projection, zero biases; MLP: Xavier-uniform kernels, biases normal(1e-6); LayerNorms at one and
     zero. timm's default (truncated normal 0.02 for every linear layer) is 3-5x smaller at the widths of small
     models (Xavier std at D=96: 0.10 for attention, 0.065 for the MLP). On the demo's 4-block width-96 ViT the
-    two gave the same location accuracy and the same finetuning result within noise (README, demo section).
+    two gave the same location accuracy and the same finetuning result within noise (docs/experiments.md).
     """
     dim = vit.embed_dim
     if getattr(vit, "pos_embed", None) is not None:

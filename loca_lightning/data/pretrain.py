@@ -35,7 +35,7 @@ def keep_freed_memory(worker_id: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: let glibc's malloc keep freed memory for reuse (no-op elsewhere).
 
     By default glibc returns freed heap memory to the OS and maps large blocks afresh, so every sample's
-    arrays are page-faulted in again: about 0.5 ms of a 4.7 ms sample (benchmarks/README.md). A worker's
+    arrays are page-faulted in again (the cost is measured in benchmarks/README.md). A worker's
     working set is a few batches of views, so keeping it costs little memory.
     """
     try:

@@ -173,8 +173,7 @@ class ProjectionHead(nn.Module):
     ``prototype_precision="bfloat16"`` rounds the normalised features and prototypes to bfloat16 for the prototype
     layer's product but keeps float32 sums and cosines (:class:`Bf16DotFp32`; largest error over 4096 x 4096 unit
     vector pairs 8e-4, against 1.5e-3 for a bf16 result and 7e-7 in float32): the numerics of the released code on
-    TPUs, and one bf16 kernel instead of a float32 one on GPUs (+2-3% images/s for the ViT-B/16 step on an H100,
-    README). On the CPU it gives the same numbers through a float32 product (no speed-up there). ``act_layer``: the
+    TPUs, and one bf16 kernel instead of a float32 one on GPUs (its effect on the step: benchmarks/README.md). On the CPU it gives the same numbers through a float32 product (no speed-up there). ``act_layer``: the
     MLP's activation between its Linear layers (exact GELU by default; ``"gelu_tanh"`` for the released weights).
     """
 

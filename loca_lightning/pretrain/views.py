@@ -2,7 +2,9 @@
 
 Pure numpy + OpenCV + albumentations (no torch), so that it runs cheaply in DataLoader workers and is
 tested alone. Semantics follow the authors' release (google-research/scenic, scenic/projects/loca:
-``ops.py`` and ``configs/loca_imnet1k_base16.py``); see sections 1-2 of docs/loca-spec.md.
+``ops.py`` and ``configs/loca_imnet1k_base16.py``): every view is a crop of the original image (aspect ratio uniform
+in [0.75, 1.33], height uniform between the heights the area range implies, the whole image after 100 tries), and a
+query patch's target is the reference cell under its centre, by the release's integer rule.
 
 Determinism: given the same ``rng`` state, ``LOCAViews.__call__`` returns identical arrays. Boxes,
 flips and every photometric parameter come from that generator; the pixel operations are
@@ -173,7 +175,7 @@ class Photometrics:
 
     Each operation is albumentations' own function, with its parameters drawn from ``rng`` as the matching
     albumentations transform draws them (uniform ranges, a uniform random order). Calling the functions
-    directly skips the transforms' per-call machinery: ~0.3 ms of a ~4 ms sample (benchmarks/README.md).
+    directly skips the transforms' per-call machinery (measured in benchmarks/README.md).
     Brightness is additive (x + delta * 255), exactly tf.image.random_brightness. The others are the closest
     albumentations ops: contrast pivots on the image's luma mean (release: each channel's own mean),
     saturation blends with the luma image (release: scales HSV saturation), hue shifts OpenCV's 8-bit HSV
