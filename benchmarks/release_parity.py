@@ -22,7 +22,8 @@ Environment (JAX and TensorFlow do not belong in ours) and the exact command:
 Versions used for the committed files: jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, numpy 2.4.6, CPU.
 Deterministic: fixed seeds, XLA on one CPU thread (the script sets XLA_FLAGS and JAX_PLATFORMS itself),
 npz members written with a fixed zip timestamp; a rerun reproduces every file bit for bit (the README
-lists their sha256). It takes a few minutes on one core (ten small XLA compilations).
+lists their sha256). It costs about 7 CPU-minutes (ten small XLA compilations on one thread; 22 minutes
+of wall time on a busy 2-core machine).
 
 What it does
 ============
@@ -102,8 +103,11 @@ Release details the tests must reproduce (read off the code these files came fro
     'droptok' key (same module path), so they are not independent draws; in full, the band is drawn at the
     model's top level ('late'), a different key.
   * Drop path: a layer's mask has shape [batch, 1, 1] and its key depends only on the dropout key and the
-    module path, so the reference pass (teacher in full) and the large-query pass get the SAME per-image
-    masks; the focal pass ([2B, 1, 1]) gets others. The teacher runs in train mode (drop path active).
+    module path (flax's make_rng), so the reference pass (teacher in full) and the large-query pass get the SAME per-image
+    masks. The focal pass draws with the same keys at shape [2B, 1, 1]; with this jax (threefry
+    'partitionable' random bits, jax's default since 0.5) its first B rows (focal query 1) then EQUAL the
+    reference/query0 masks and only rows B..2B-1 are new draws; older jax gave unrelated masks. A test must
+    replay the recorded masks, not rely on either. The teacher runs in train mode (drop path active).
 
 Files (all in --out)
 ====================
@@ -200,9 +204,13 @@ files (flax's legacy path), so this script sets ``flax.config.update('flax_use_o
 before calling the release's ``utils.save_checkpoint``. The file is a msgpack map with keys opt_state,
 ema_params, params, state (nil), ema_state (nil), global_step, rng, metadata ({'chrono': Chrono().save()}, as
 the release's loop stores); arrays are msgpack ext type 1 whose payload is msgpack [shape, dtype name, raw
-bytes (C order, little endian)]. opt_state = {count, hyperparams: {b1, b2, eps, eps_root, learning_rate,
-weight_decay}, hyperparams_states: {}, inner_state: {'0': {count, mu, nu}, '1': {inner_state: {}}, '2': {}}}
-(scale_by_adam, the weight-decay mask, scale by learning rate).
+bytes (C order, little endian)]; global_step is an int32 0-d array, rng a uint32 [2] array, the chrono
+values plain msgpack numbers (zeros here). opt_state (optax 0.2.8's InjectStatefulHyperparamsState) =
+{count, hyperparams: {b1, b2, eps, eps_root, learning_rate, weight_decay} (0-d float32),
+hyperparams_states: {learning_rate: {count}}, inner_state: {'0': {count, mu, nu} (scale_by_adam; mu and nu
+are trees like params), '1': {inner_state: {}} (the weight-decay mask), '2': {} (scale by learning rate)}};
+all counts int32, 6 here. Plain ``msgpack.unpackb(data, ext_hook=..., strict_map_key=False)`` reads all of
+it (tuple indices are the string keys '0', '1', '2').
 """
 
 from __future__ import annotations
@@ -1086,18 +1094,24 @@ def write_readme(out_dir: str, versions: dict, report: dict) -> None:
         " drop-path masks ref == query0 |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def num(v):
+        return "-" if v is None else f"{v:.6f}"
+
     for run in ("full_droppath0", "full_droppath50", "location_only_droppath0", "location_only_droppath50"):
         r = report[run]
         lo = r["losses"]
         lines.append(
-            f"| {run} | {lo['location']:.6f} | {lo.get('clustering', float('nan')):.6f} | "
-            f"{lo.get('memax', float('nan')):.6f} | {lo['total']:.6f} | {r['grad_global_norm']:.4f} | "
+            f"| {run} | {lo['location']:.6f} | {num(lo.get('clustering'))} | "
+            f"{num(lo.get('memax'))} | {lo['total']:.6f} | {r['grad_global_norm']:.4f} | "
             f"{r['lr']:.6g} | {r['momentum']:.6f} | {r['masks']['reference_band']} | {r['masks']['query0_kept']} | "
             f"{r['droppath_reference_equals_query0']} |"
         )
     lines.append(
-        "\nSamples whose residual branch the drop-path-0.5 runs dropped (pass/layer: count; reference and query0 "
-        "masks are equal because the release gives both passes the same dropout key):\n"
+        "\nSamples whose residual branch the drop-path-0.5 runs dropped (pass/layer: count). The reference and "
+        "query0 masks are equal because the release gives both passes the same dropout key and mask shape "
+        "[B, 1, 1]; the focal pass uses the same key at shape [2B, 1, 1], and with this jax (partitionable "
+        "threefry) its first B rows equal them too. Only encoderblock_1 has a non-zero rate (0.5):\n"
     )
     for run in ("full_droppath50", "location_only_droppath50"):
         dropped = report[run]["droppath_dropped_samples"]
