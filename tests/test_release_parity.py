@@ -309,3 +309,31 @@ def test_schedules_equal_the_releases():
         assert lr == pytest.approx(float(data["lr"][step]), rel=1e-5, abs=1e-9), step
         momentum = ema_momentum(step, total, float(data["momentum_base"]), 1.0)
         assert momentum == pytest.approx(float(data["momentum"][step]), abs=1e-6), step
+
+
+def test_every_release_file_form_imports_the_same_weights(tmp_path, capsys) -> None:
+    # the trainer's checkpoint, the same without optimizer state, and a bare params tree, all written by flax itself
+    full, _, _ = release_module_checkpoint(DATA / "checkpoint_full", allow_custom_size=True)
+    stripped, _, _ = release_module_checkpoint(DATA / "checkpoint_full_stripped", allow_custom_size=True)
+    bare, record, _ = release_module_checkpoint(DATA / "params_full.msgpack", allow_custom_size=True)
+    for key, value in full["state_dict"].items():
+        assert torch.equal(stripped["state_dict"][key], value), key
+        if key.startswith("student."):  # a bare params tree has no EMA: its teacher is the student
+            assert torch.equal(bare["state_dict"][key], value), key
+    assert record["teacher"] == "params"
+    # the CLI end to end: the timm model it writes computes the release's teacher features
+    import json
+
+    import timm
+
+    from loca_lightning.cli import main
+
+    out = tmp_path / "imported"
+    main(["import-release", str(DATA / "checkpoint_full"), str(out), "--custom-size"])
+    assert "act_layer='gelu_tanh'" in capsys.readouterr().out
+    config = json.loads((out / "timm_teacher.pth.json").read_text())
+    model = timm.create_model(config["timm_name"], pretrained=False, **config["timm_kwargs"]).eval()
+    model.load_state_dict(torch.load(out / "timm_teacher.pth", weights_only=True), strict=True)
+    reference = torch.from_numpy(_npz("inputs.npz")["reference"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        _close(model.forward_features(reference), _npz("full_state.npz")["eval/teacher_ref_features"], "timm features")
