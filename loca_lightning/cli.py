@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from loca_lightning.callbacks import SegmentationPredictionWriter
+from loca_lightning.callbacks import SaveRunConfig, SegmentationPredictionWriter
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.pretrain import keep_freed_memory
 
@@ -32,7 +32,7 @@ DESCRIPTION = (
 
 class LOCACLI(LightningCLI):
     """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept (written atomically),
-    lr logged per step."""
+    lr logged per step, the resolved config saved in the run's own folder (:class:`SaveRunConfig`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -40,7 +40,7 @@ class LOCACLI(LightningCLI):
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=SaveRunConfig,  # in the run's own folder, never over a file the run did not write
             auto_configure_optimizers=False,  # modules build their own optimizers from injected callables
             seed_everything_default=0,
             trainer_defaults={
