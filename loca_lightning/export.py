@@ -14,6 +14,7 @@ import torch
 from loca_lightning.backbones import build_backbone, export_timm_state_dict, load_backbone_weights
 from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
 from loca_lightning.backbones.vit import ViT
+from loca_lightning.weights_files import CheckpointFileError, is_lightning_checkpoint
 
 
 def backbone_from_checkpoint(checkpoint: Mapping[str, Any], which: str = "teacher") -> ViT:
@@ -50,6 +51,16 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, which: str | None = Non
         if path.exists() and not force:
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
     checkpoint = load_weights_file(ckpt, trust=trust)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, Mapping):
+        if is_lightning_checkpoint(checkpoint):
+            found = "none" if hparams is None else f"a {type(hparams).__name__}"
+            problem = f"is a Lightning checkpoint without a mapping of hyperparameters ({found})"
+        else:
+            problem = f"is not the checkpoint of a loca-lightning module: it holds {_describe_keys(checkpoint)}"
+        raise CheckpointFileError(
+            f"{str(ckpt)!r} {problem}. `loca export` reads a .ckpt written by `loca fit` (timm weights need no export)"
+        )
     which = which or default_weights(checkpoint)
     backbone = backbone_from_checkpoint(checkpoint, which)
     name, kwargs = timm_model_kwargs(backbone)
@@ -61,6 +72,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, which: str | None = Non
     config = {"timm_name": name, "timm_kwargs": kwargs, "source_checkpoint": str(ckpt), "weights": which}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return call
+
+
+def _describe_keys(checkpoint: Mapping[str, Any]) -> str:
+    keys = [str(k) for k in checkpoint]
+    if not keys:
+        return "nothing"
+    return f"{len(keys)} {'entry' if len(keys) == 1 else 'entries'} ({', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})"
 
 
 def export_main(argv: Sequence[str]) -> None:
