@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from loca_lightning.callbacks import SaveRunConfig, SegmentationPredictionWriter
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.pretrain import keep_freed_memory
+from loca_lightning.distributed import destroy_process_groups
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -108,6 +109,9 @@ def main(args: Sequence[str] | None = None) -> None:
         export_main(argv[1:])
         return
     LOCACLI(args=None if args is None else argv)
+    # Only after a successful command: a failed one exits with its error, and a peer that is still inside a
+    # collective could make the teardown wait for the process-group timeout.
+    destroy_process_groups()
 
 
 if __name__ == "__main__":

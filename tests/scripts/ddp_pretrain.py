@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from _fake_loca import FakeLOCADataModule  # noqa: E402
 
+from loca_lightning.distributed import destroy_process_groups  # noqa: E402
 from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
@@ -76,6 +77,7 @@ def main() -> None:
     trainer.fit(model, StridedData(batch_size=per_device, length=16))
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "initial": initial, "world_size": trainer.world_size}, out)
+    destroy_process_groups()  # before Python shuts down: see loca_lightning/distributed.py
 
 
 if __name__ == "__main__":

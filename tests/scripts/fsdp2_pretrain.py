@@ -18,6 +18,8 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this folder (ddp_pretrain) and t
 from _fake_loca import StopAt  # noqa: E402
 from ddp_pretrain import TINY, SampleMasks, StridedData  # noqa: E402
 
+from loca_lightning.distributed import destroy_process_groups  # noqa: E402
+
 
 def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule:
     L.seed_everything(0)
@@ -48,6 +50,7 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save({"state_dict": full, "initial": model.initial, "global_step": trainer.global_step,
                     "param_type": sharded}, out)
+    destroy_process_groups()  # before Python shuts down: see loca_lightning/distributed.py
 
 
 if __name__ == "__main__":
