@@ -31,11 +31,15 @@ DESCRIPTION = (
 )
 
 
+EXIT_SKIPPED_IMAGES = 3  # `loca predict` wrote what it could but skipped unreadable images
+
+
 class LOCACLI(LightningCLI):
     """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept (written atomically),
     lr logged per step, the resolved config saved in the run's own folder (:class:`SaveRunConfig`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        self.exit_code = 0  # the `loca` command's exit status once the subcommand has run
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -81,10 +85,14 @@ class LOCACLI(LightningCLI):
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
 
     def predict(self, **kwargs: Any) -> None:
-        """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already."""
+        """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already. Images the
+        writer had to skip (unreadable files) make the command's exit status :data:`EXIT_SKIPPED_IMAGES`."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
+        writers = [c for c in self.trainer.callbacks if isinstance(c, SegmentationPredictionWriter)]
+        if any(writer.num_skipped for writer in writers):
+            self.exit_code = EXIT_SKIPPED_IMAGES
 
 
 def tune_malloc() -> None:
@@ -108,10 +116,12 @@ def main(args: Sequence[str] | None = None) -> None:
 
         export_main(argv[1:])
         return
-    LOCACLI(args=None if args is None else argv)
+    cli = LOCACLI(args=None if args is None else argv)
     # Only after a successful command: a failed one exits with its error, and a peer that is still inside a
     # collective could make the teardown wait for the process-group timeout.
     destroy_process_groups()
+    if cli.exit_code:
+        sys.exit(cli.exit_code)
 
 
 if __name__ == "__main__":

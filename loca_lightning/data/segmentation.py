@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from loca_lightning.data.classes import dataset_classes, label_colormap, read_class_names
-from loca_lightning.data.images import read_image, read_mask
+from loca_lightning.data.images import ImageReadError, read_image, read_mask
 from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch, item_seed
 from loca_lightning.data.seg_layouts import (
     IGNORE_INDEX,
@@ -149,7 +149,12 @@ class SyntheticSegmentationDataset(_Augmented):
 
 
 class PredictImageDataset(Dataset):
-    """Images to segment, at native size: {"image" uint8 [3, H, W], "name", "image_path", "size" int64 [2]}."""
+    """Images to segment, at native size: {"image" uint8 [3, H, W], "name", "image_path", "size" int64 [2]}.
+
+    A file that cannot be decoded gives {"name", "image_path", "unreadable": reason} instead: a prediction job over a
+    user's folder writes every image it can (``pad_collate`` sets such items aside, the prediction writer reports
+    them). Evaluation datasets raise instead: a score over a silently shrunk dataset would be wrong.
+    """
 
     def __init__(self, paths: Sequence[str] | str) -> None:
         self.paths = predict_files(paths)
@@ -159,9 +164,14 @@ class PredictImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_t, _ = to_tensors(read_image(self.paths[index]))
+        path, name = str(self.paths[index]), self.names[index]
+        try:
+            image = read_image(path)
+        except ImageReadError as error:
+            return {"name": name, "image_path": path, "unreadable": error.reason}
+        image_t, _ = to_tensors(image)
         size = torch.tensor(image_t.shape[1:], dtype=torch.int64)  # [2] (H, W)
-        return {"image": image_t, "name": self.names[index], "image_path": str(self.paths[index]), "size": size}
+        return {"image": image_t, "name": name, "image_path": path, "size": size}
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
@@ -174,12 +184,19 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch native-size items: pad images with 0 and masks with 255 (bottom/right) to the largest; ``sizes`` [B, 2] = (H, W)."""
-    sizes = torch.tensor([list(item["image"].shape[1:]) for item in items], dtype=torch.int64)  # [B, 2]
-    height, width = (int(v) for v in sizes.max(dim=0).values)
+    """Batch native-size items: pad images with 0 and masks with 255 (bottom/right) to the largest; ``sizes`` [B, 2] = (H, W).
+
+    Unreadable items (``"unreadable"``, from :class:`PredictImageDataset`) are left out of the tensors and listed in
+    ``batch["unreadable"]`` as ``{"name", "image_path", "reason"}``.
+    """
+    unreadable = [{"name": i["name"], "image_path": i["image_path"], "reason": i["unreadable"]} for i in items
+                  if "unreadable" in i]  # fmt: skip
+    items = [item for item in items if "unreadable" not in item]
+    sizes = torch.tensor([list(item["image"].shape[1:]) for item in items], dtype=torch.int64).view(-1, 2)  # [B, 2]
+    height, width = (int(v) for v in sizes.max(dim=0).values) if items else (0, 0)
     images = torch.zeros(len(items), 3, height, width, dtype=torch.uint8)  # [B, 3, H, W]
     batch: dict[str, Any] = {"image": images, "sizes": sizes}
-    has_mask = "mask" in items[0]
+    has_mask = bool(items) and "mask" in items[0]
     if has_mask:
         batch["mask"] = torch.full((len(items), height, width), IGNORE_INDEX, dtype=torch.int64)  # [B, H, W]
     for i, item in enumerate(items):
@@ -189,6 +206,8 @@ def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             batch["mask"][i, :h, :w] = item["mask"]
     batch["name"] = [item["name"] for item in items]
     batch["image_path"] = [item["image_path"] for item in items]
+    if unreadable:
+        batch["unreadable"] = unreadable
     return batch
 
 
