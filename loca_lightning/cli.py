@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from loca_lightning.callbacks import SaveRunConfig, SegmentationPredictionWriter
+from loca_lightning.callbacks import ProgressLines, SaveRunConfig, SegmentationPredictionWriter
+from loca_lightning.callbacks.progress import use_progress_lines
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
@@ -36,7 +37,8 @@ EXIT_SKIPPED_IMAGES = 3  # `loca predict` wrote what it could but skipped unread
 
 class LOCACLI(LightningCLI):
     """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept (written atomically),
-    lr logged per step, the resolved config saved in the run's own folder (:class:`SaveRunConfig`)."""
+    lr logged per step, the resolved config saved in the run's own folder (:class:`SaveRunConfig`), progress as lines
+    when stdout is not a terminal (:class:`ProgressLines`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         self.exit_code = 0  # the `loca` command's exit status once the subcommand has run
@@ -76,6 +78,13 @@ class LOCACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
+        # Output that is not a terminal (a log file, a pipe) gets a line every N steps instead of a redrawn bar; a
+        # config that names its own progress bar, or switches it off, keeps that.
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        if config.get("enable_progress_bar") is not False and not has_bar and use_progress_lines():
+            callbacks = [*callbacks, ProgressLines()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
