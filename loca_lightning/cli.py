@@ -17,15 +17,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from loca_lightning.backbones.registry import backbone_patch_size
-from loca_lightning.callbacks import SegmentationPredictionWriter
+from loca_lightning.callbacks import ProgressLines, SaveRunConfig, SegmentationPredictionWriter
+from loca_lightning.callbacks.progress import use_progress_lines
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
+from loca_lightning.distributed import destroy_process_groups
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -36,17 +38,22 @@ DESCRIPTION = (
 )
 
 
+EXIT_SKIPPED_IMAGES = 3  # `loca predict` wrote what it could but skipped unreadable images
+
+
 class LOCACLI(LightningCLI):
     """LightningCLI with the project's defaults: TensorBoard under ``runs/``, ``last.ckpt`` kept (written atomically),
-    lr logged per step."""
+    lr logged per step, the resolved config saved in the run's own folder (:class:`SaveRunConfig`), progress as lines
+    when stdout is not a terminal (:class:`ProgressLines`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        self.exit_code = 0  # the `loca` command's exit status once the subcommand has run
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=SaveRunConfig,  # in the run's own folder, never over a file the run did not write
             auto_configure_optimizers=False,  # modules build their own optimizers from injected callables
             seed_everything_default=0,
             trainer_defaults={
@@ -96,6 +103,13 @@ class LOCACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
+        # Output that is not a terminal (a log file, a pipe) gets a line every N steps instead of a redrawn bar; a
+        # config that names its own progress bar, or switches it off, keeps that.
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        if config.get("enable_progress_bar") is not False and not has_bar and use_progress_lines():
+            callbacks = [*callbacks, ProgressLines()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
@@ -105,10 +119,14 @@ class LOCACLI(LightningCLI):
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
 
     def predict(self, **kwargs: Any) -> None:
-        """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already."""
+        """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already. Images the
+        writer had to skip (unreadable files) make the command's exit status :data:`EXIT_SKIPPED_IMAGES`."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
+        writers = [c for c in self.trainer.callbacks if isinstance(c, SegmentationPredictionWriter)]
+        if any(writer.num_skipped for writer in writers):
+            self.exit_code = EXIT_SKIPPED_IMAGES
 
 
 def tune_malloc() -> None:
@@ -136,7 +154,12 @@ def main(args: Sequence[str] | None = None) -> None:
 
         import_release_main(argv[1:])
         return
-    LOCACLI(args=None if args is None else argv)
+    cli = LOCACLI(args=None if args is None else argv)
+    # Only after a successful command: a failed one exits with its error, and a peer that is still inside a
+    # collective could make the teardown wait for the process-group timeout.
+    destroy_process_groups()
+    if cli.exit_code:
+        sys.exit(cli.exit_code)
 
 
 if __name__ == "__main__":

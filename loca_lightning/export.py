@@ -20,6 +20,7 @@ from loca_lightning.backbones import (
 )
 from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
 from loca_lightning.backbones.vit import ViT
+from loca_lightning.weights_files import CheckpointFileError, is_lightning_checkpoint
 
 
 def export_backbone(module: Any, which: str = "teacher") -> ViT:
@@ -67,6 +68,16 @@ def export_checkpoint(
         if path.exists() and not force:
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
     checkpoint = load_weights_file(ckpt, trust=trust)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, Mapping):
+        if is_lightning_checkpoint(checkpoint):
+            found = "none" if hparams is None else f"a {type(hparams).__name__}"
+            problem = f"is a Lightning checkpoint without a mapping of hyperparameters ({found})"
+        else:
+            problem = f"is not the checkpoint of a loca-lightning module: it holds {_describe_keys(checkpoint)}"
+        raise CheckpointFileError(
+            f"{str(ckpt)!r} {problem}. `loca export` reads a .ckpt written by `loca fit` (timm weights need no export)"
+        )
     which = which or default_weights(checkpoint)
     backbone = backbone_from_checkpoint(checkpoint, which)
     return write_timm_files(backbone, out, str(ckpt), which)
@@ -91,6 +102,13 @@ def load_instructions(out: str | Path, call: str) -> str:
     """The lines that load exported weights ``out`` with timm (printed by ``loca export`` and ``loca import-release``)."""
     return "\n".join(["import timm, torch", f"model = {call}",
                       f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=True)"])
+
+
+def _describe_keys(checkpoint: Mapping[str, Any]) -> str:
+    keys = [str(k) for k in checkpoint]
+    if not keys:
+        return "nothing"
+    return f"{len(keys)} {'entry' if len(keys) == 1 else 'entries'} ({', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})"
 
 
 def export_main(argv: Sequence[str]) -> None:

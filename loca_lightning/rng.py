@@ -3,12 +3,17 @@
 The streams are torch's CPU generator (drop path, dropout), CUDA's where initialised, numpy's and Python's global
 generators, and any named ``torch.Generator`` a module owns (LOCA's token masks). States are stored as tensors and
 plain Python values, so a checkpoint holding them still loads with ``torch.load(..., weights_only=True)``.
+
+In a distributed run every process has streams of its own (the mask generator is seeded with the rank), while only
+one process writes the checkpoint: :func:`capture_rng_state` gathers all of them and :func:`restore_rng_state` gives
+each process back its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,9 +44,30 @@ def _set_python_state(state: Mapping[str, Any]) -> None:
     random.setstate((state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"]))
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def capture_rng_state(generators: Mapping[str, torch.Generator | torch.Tensor | None] | None = None) -> dict[str, Any]:
-    """The global torch CPU (and CUDA, where initialised), numpy and Python states plus those of named generators
-    (a generator, or its state as a tensor; None is left out)."""
+    """This process's global torch CPU (and CUDA, where initialised), numpy and Python states plus those of named
+    generators (a generator, or its state as a tensor; None is left out); in a distributed run also every process's,
+    by rank, under ``"by_rank"``.
+
+    Distributed, it is a collective: every process must call it (Lightning calls ``on_save_checkpoint`` on all).
+    """
+    state = _local_state(generators)
+    _, world_size = _world()
+    if world_size > 1:
+        by_rank: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(by_rank, state)
+        state = {**state, "by_rank": by_rank}
+    return state
+
+
+def _local_state(generators: Mapping[str, torch.Generator | torch.Tensor | None] | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -52,7 +78,29 @@ def capture_rng_state(generators: Mapping[str, torch.Generator | torch.Tensor | 
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Restore the global states saved by :func:`capture_rng_state` (those present); return the named generators'."""
+    """Restore the global states saved by :func:`capture_rng_state` (those present); return the named generators'.
+
+    A process restores its own rank's states when the checkpoint has them for the current world size; otherwise (the
+    number of processes changed) every process takes the saving process's global states and no named generator
+    state, so that generators seeded per rank are seeded afresh instead of all drawing the same numbers.
+    """
+    by_rank = state.get("by_rank")
+    rank, world_size = _world()
+    if by_rank is not None and len(by_rank) == world_size:
+        state = by_rank[rank]
+    elif by_rank is not None or world_size > 1:
+        saved = len(by_rank) if by_rank is not None else 1
+        warnings.warn(
+            f"the checkpoint holds the random state of {saved} process(es), this run has {world_size}: each process "
+            "continues from the saving process's global streams and reseeds its own generators (not an exact resume)",
+            UserWarning,
+            stacklevel=2,
+        )
+        state = {k: v for k, v in state.items() if k != "by_rank" and not k.startswith(_GENERATOR)}
+    return _set_local_state(state)
+
+
+def _set_local_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "numpy" in state:
@@ -82,16 +130,16 @@ class OwnRNG:
     def active(self) -> Iterator[None]:
         """Swap this object's states in for the duration of the block."""
         saved = _cpu_state()
-        restore_rng_state(self.state)
+        _set_local_state(self.state)
         try:
             yield
         finally:
             self.state = _cpu_state()
-            restore_rng_state(saved)
+            _set_local_state(saved)
 
 
 def _cpu_state() -> dict[str, Any]:
-    return {k: v for k, v in capture_rng_state().items() if k != "cuda"}
+    return {k: v for k, v in _local_state().items() if k != "cuda"}
 
 
 @contextlib.contextmanager
@@ -101,4 +149,4 @@ def isolated_rng() -> Iterator[None]:
     try:
         yield
     finally:
-        restore_rng_state(saved)
+        _set_local_state(saved)

@@ -15,6 +15,7 @@ from loca_lightning.backbones import (
 )
 from loca_lightning.backbones.checkpoints import timm_model_kwargs
 from loca_lightning.backbones.vit import attention
+from loca_lightning.weights_files import CheckpointFileError, UntrustedCheckpointError
 
 
 @pytest.fixture(autouse=True)
@@ -162,15 +163,19 @@ def test_other_model_size_fails_naming_keys():
     assert any(k.startswith("blocks.2.") for k in report["unexpected"])
 
 
-def test_weights_only_refuses_code(tmp_path):
+def test_weights_only_refuses_code(tmp_path, capsys):
     class Evil:
         def __reduce__(self):
             return (print, ("executed",))
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "obj": Evil()}, path)
-    with pytest.raises(RuntimeError, match="weights_only=True"):
+    with pytest.raises(CheckpointFileError, match=r"not a checkpoint: it is a pickle of Python objects \(builtins.print\)"):
         load_backbone_weights(build_backbone("vit_test_patch16"), path)
+    torch.save({"state_dict": {"pos_embed": torch.zeros(1)}, "obj": Evil()}, path)
+    with pytest.raises(UntrustedCheckpointError, match=r"weights file .*builtins.print.*can run code.*trust=True"):
+        load_backbone_weights(build_backbone("vit_test_patch16"), path)
+    assert "executed" not in capsys.readouterr().out
 
 
 def test_gradient_checkpointing_same_gradients():

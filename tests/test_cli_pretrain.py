@@ -58,6 +58,8 @@ def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
     events = list(tmp_path.glob("pretrain/version_*/events.out.tfevents.*"))
     assert events, "TensorBoard logs missing"
+    # the resolved config lives in the run's own (version) folder
+    assert sorted(tmp_path.rglob("config.yaml")) == [checkpoints[0].parent.parent / "config.yaml"]
 
 
 def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 from loca_lightning.callbacks import SegmentationPredictionWriter, indexed_png, mask_palette, overlay_image
 from loca_lightning.cli import main
 from loca_lightning.data.classes import ADE20K_CLASSES, dataset_classes, label_colormap
+from loca_lightning.data.images import ImageReadError
 from loca_lightning.data.synthetic import SYNTHETIC_PALETTE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -237,3 +238,55 @@ def test_overlay_is_image_beside_blend() -> None:
 def test_writer_refuses_names_outside_its_folder(name: str) -> None:
     with pytest.raises(ValueError, match="relative path inside the output folder"):
         SegmentationPredictionWriter("out").targets(name)
+
+
+# ---------------------------------------------------------------------------------------------- unreadable images
+@pytest.fixture
+def demo_checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint of the demo's segmentation model (untrained: prediction only needs the architecture)."""
+    import lightning as L
+
+    from loca_lightning.segmentation.module import SegmentationFinetuneModule
+
+    model = SegmentationFinetuneModule(num_classes=9, backbone="vit_pico_patch8", image_size=64, window=64, stride=32)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "demo.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # as `loca fit` saves it: LightningCLI reads the class path
+    checkpoint["hyper_parameters"].update(_class_path="loca_lightning.SegmentationFinetuneModule",
+                                          _instantiator="lightning.pytorch.cli.instantiate_module")
+    torch.save(checkpoint, path)
+    return path
+
+
+def _folder_with_one_corrupt_png(folder: Path, count: int = 20) -> list[str]:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"img{i:02d}" for i in range(count)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "img07.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not a PNG")
+    return names
+
+
+def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
+    tmp_path: Path, demo_checkpoint: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = _folder_with_one_corrupt_png(tmp_path / "images")
+    out = tmp_path / "masks"
+    args = ["predict", "--config", str(CONFIGS / "demo" / "seg.yaml"), "--ckpt_path", str(demo_checkpoint),
+            "--data.init_args.predict_paths", str(tmp_path / "images"), "--prediction_writer.output_dir", str(out),
+            "--data.init_args.num_workers", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="loca_lightning.callbacks.prediction"), pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 3  # non-zero: not every image was segmented
+    assert sorted(p.stem for p in out.iterdir()) == [n for n in names if n != "img07"]  # all 19 others
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "img07.png" in skipped[0] and "not a decodable image" in skipped[0]
+    assert f"wrote 19 masks to {out}; skipped 1 unreadable image" in capsys.readouterr().out
+
+    # On request the job stops at the first unreadable image instead.
+    with pytest.raises(ImageReadError, match=r"img07\.png"):
+        main([*args, "--prediction_writer.output_dir", str(tmp_path / "strict"),
+              "--prediction_writer.skip_unreadable", "false"])  # fmt: skip

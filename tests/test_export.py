@@ -1,6 +1,9 @@
-"""`loca export`: timm-loadable backbone weights (strict) that give the module's features, for both networks."""
+"""`loca export`: timm-loadable backbone weights (strict) that give the module's features, for both networks; a file that
+is not a checkpoint gets its actual problem named."""
 
+import argparse
 import json
+import re
 
 import lightning as L
 import pytest
@@ -95,3 +98,56 @@ def test_export_segmentation_checkpoint_keeps_its_grid(tmp_path):
     assert config["timm_kwargs"]["img_size"] == 48
     assert timm_model.pos_embed.shape[1] == 9  # 3x3 table, not resampled
     _assert_same_features(timm_model, model.backbone)
+
+
+def _not_checkpoints(tmp_path, real_ckpt) -> dict:
+    """Files people hand to `loca export` by mistake -> what the error must call them."""
+    import numpy as np
+    from PIL import Image
+
+    files = {}
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "image.png")
+    files["image.png"] = "it is a PNG image"
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    files["empty.ckpt"] = r"empty \(0 bytes\)"
+    data = real_ckpt.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])  # a download cut short
+    files["cut.ckpt"] = "truncated or damaged checkpoint: its zip directory"
+    (tmp_path / "config.ckpt").write_text("model:\n  class_path: x\n")
+    files["config.ckpt"] = "it is a text file"
+    np.savez(tmp_path / "arrays.npz", a=np.ones(2))
+    files["arrays.npz"] = "numpy .npz archive"
+    (tmp_path / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    files["weights.h5"] = "HDF5 file"
+    (tmp_path / "flax.msgpack").write_bytes(b"\x82\xa6params\x80\xa5state\x80")
+    files["flax.msgpack"] = "msgpack data"
+    torch.save({"not": "tensors", "obj": argparse.Namespace(a=1)}, tmp_path / "objects.pt")
+    files["objects.pt"] = r"pickle of Python objects \(argparse.Namespace\) without any tensor"
+    torch.save({"weight": torch.ones(2)}, tmp_path / "state_dict.pth")
+    files["state_dict.pth"] = "not the checkpoint of a loca-lightning module: it holds 1 entry"
+    return files
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_its_actual_problem_named(pretrain_ckpt, tmp_path, capsys):
+    for name, problem in _not_checkpoints(tmp_path, pretrain_ckpt[0]).items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(tmp_path / name), str(tmp_path / "out.pth")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, name
+        assert re.search(problem, err), f"{name}: {err}"
+        assert name in err and "--trust" not in err and "execute" not in err, f"{name}: {err}"
+        assert not (tmp_path / "out.pth").exists()
+
+
+def test_trust_is_suggested_for_a_lightning_checkpoint_that_stores_objects(pretrain_ckpt, tmp_path, capsys):
+    checkpoint = torch.load(pretrain_ckpt[0], weights_only=True)
+    checkpoint["run_args"] = argparse.Namespace(note="made by a custom training script")
+    path = tmp_path / "objects.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit):
+        main(["export", str(path), str(tmp_path / "out.pth")])
+    err = capsys.readouterr().err
+    assert "is a Lightning checkpoint that stores Python objects" in err and "argparse.Namespace" in err
+    assert "--trust" in err
+    main(["export", str(path), str(tmp_path / "out.pth"), "--trust"])  # the user made it: loads
+    assert (tmp_path / "out.pth").is_file()

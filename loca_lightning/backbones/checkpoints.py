@@ -2,7 +2,8 @@
 
 Files are loaded with ``torch.load(..., weights_only=True)``: weights are data, not code. A full Lightning
 checkpoint written by this project loads that way too; a file that needs arbitrary unpickling is refused unless
-the caller passes ``trust=True`` (only for files you made yourself).
+the caller passes ``trust=True`` (only for files you made yourself), and a file that is no checkpoint at all gets an
+error saying what it is (``loca_lightning.weights_files``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from loca_lightning.backbones.vit import ViT, resize_pos_embed
+from loca_lightning.weights_files import CheckpointFileError, read_weights_file
 
 # Where the backbone lives inside a LOCAPretrainModule / SegmentationFinetuneModule state dict.
 BACKBONE_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -35,23 +37,17 @@ _TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
 
 
 def load_weights_file(path: str | os.PathLike, trust: bool = False) -> Mapping[str, Any]:
-    """Load a checkpoint or state-dict file safely (``weights_only=True``); ``trust=True`` allows full unpickling."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Load a checkpoint or state-dict file safely (``weights_only=True``); ``trust=True`` allows full unpickling.
 
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        if not trust:
-            raise RuntimeError(
-                f"{str(path)!r} cannot be loaded with torch.load(weights_only=True) ({type(error).__name__}: {error}). "
-                "Loading it would execute code stored in the file; pass trust=True (CLI: --trust) only if you made it."
-            ) from error
-        return torch.load(path, map_location="cpu", weights_only=False)
+    A file that is not one (an image, a truncated download, another framework's format) raises
+    :class:`~loca_lightning.weights_files.CheckpointFileError` naming what it is.
+    """
+    checkpoint = read_weights_file(path, trust=trust)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointFileError(
+            f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint or state dict (a mapping of names to tensors)"
+        )
+    return checkpoint
 
 
 def extract_backbone_state_dict(checkpoint: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""The project's Lightning callbacks: writing ``loca predict`` masks, TensorBoard image loggers, an online dense probe.
+"""The project's Lightning callbacks: writing ``loca predict`` masks, TensorBoard image loggers, an online dense probe,
+saving a run's config in its own folder, progress lines for logs that are not a terminal.
 
 Configs name them by these paths (``loca_lightning.callbacks.LOCAImageLogger``); each lives in a module of its own.
 """
@@ -11,11 +12,15 @@ from loca_lightning.callbacks.prediction import (
     overlay_image,
 )
 from loca_lightning.callbacks.probe import OnlineDenseProbe
+from loca_lightning.callbacks.progress import ProgressLines
+from loca_lightning.callbacks.run_config import SaveRunConfig
 
 __all__ = [
     "LOCAImageLogger",
     "OnlineDenseProbe",
     "PeriodicImageLogger",
+    "ProgressLines",
+    "SaveRunConfig",
     "SegmentationImageLogger",
     "SegmentationPredictionWriter",
     "indexed_png",

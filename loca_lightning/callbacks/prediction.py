@@ -8,6 +8,7 @@ an overlay of the image and its coloured prediction. Nothing is ever overwritten
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +22,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from loca_lightning.data.classes import label_colormap
+from loca_lightning.data.images import ImageReadError
 from loca_lightning.visualize import blend, colorize
+
+log = logging.getLogger(__name__)
 
 _PALETTE_ENTRIES = 256  # an indexed PNG holds at most 256 colours
 
@@ -77,10 +81,19 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     """Write each predicted mask as ``<output_dir>/<name>.png`` (indexed colours, values = class indices), and with
     ``overlay=True`` also ``<output_dir>/overlay/<name>.jpg`` (image | blend). Existing files are an error unless
     ``overwrite=True``; all target paths are checked before anything is written. Inert outside ``predict``.
+
+    Images that cannot be decoded (batches list them under ``"unreadable"``) are skipped with one warning line each,
+    naming the file and the reason; at the end the writer prints how many masks it wrote and how many images it
+    skipped (``num_written``, ``num_skipped``, summed over processes). ``skip_unreadable=False`` stops at the first.
     """
 
     def __init__(
-        self, output_dir: str = "runs/predict", overlay: bool = False, overwrite: bool = False, alpha: float = 0.5
+        self,
+        output_dir: str = "runs/predict",
+        overlay: bool = False,
+        overwrite: bool = False,
+        alpha: float = 0.5,
+        skip_unreadable: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
         if not 0.0 <= alpha <= 1.0:
@@ -89,8 +102,10 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         self.overlay = overlay
         self.overwrite = overwrite
         self.alpha = alpha
+        self.skip_unreadable = skip_unreadable
         self.palette = mask_palette()
         self._written: set[Path] = set()
+        self.num_written = self.num_skipped = 0
 
     def targets(self, name: str) -> list[Path]:
         """The files written for the image called ``name``."""
@@ -114,6 +129,8 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Choose the palette and check every target path of the predict datasets before any file is written."""
         self._written = set()
+        self.num_written = self.num_skipped = 0
+        self._written_here = self._skipped_here = 0  # this process's counts
         palette = getattr(getattr(trainer, "datamodule", None), "palette", None)
         self.palette = mask_palette(palette)
         loaders = trainer.predict_dataloaders
@@ -140,7 +157,12 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Write the masks (and overlays) of one predicted batch."""
+        """Write the masks (and overlays) of one predicted batch; report the images it could not read."""
+        for item in batch.get("unreadable", ()) if isinstance(batch, dict) else ():
+            if not self.skip_unreadable:
+                raise ImageReadError(item["image_path"], item["reason"])
+            log.warning("skipped unreadable image %s: %s", item["image_path"], item["reason"])
+            self._skipped_here += 1
         if not isinstance(prediction, dict) or not {"masks", "name"} <= set(prediction):
             raise ValueError(
                 "SegmentationPredictionWriter needs predict_step to return {'masks': [...], 'name': [...], "
@@ -160,6 +182,16 @@ class SegmentationPredictionWriter(BasePredictionWriter):
                 blended = overlay_image(image, mask_np, self.palette, self.alpha)
                 self._save(Image.fromarray(blended), paths[1], "JPEG", quality=92)
             self._written.update(paths)
+            self._written_here += 1
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Sum the counts over processes and print them (rank 0)."""
+        local = torch.tensor([self._written_here, self._skipped_here], device=pl_module.device)
+        written, skipped = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
+        self.num_written, self.num_skipped = written, skipped
+        if trainer.is_global_zero:
+            note = f"; skipped {skipped} unreadable image{'s' if skipped != 1 else ''} (listed above)" if skipped else ""
+            print(f"loca predict: wrote {written} mask{'s' if written != 1 else ''} to {self.output_dir}{note}", flush=True)
 
     def _save(self, image: Image.Image, path: Path, fmt: str, **options: Any) -> None:
         # "x" mode fails if the file appeared since the check (another process), so even a race cannot overwrite.

@@ -2,27 +2,26 @@
 
 Per-item randomness comes from a numpy Generator seeded with (seed, epoch, index): a run is reproducible
 whatever the number of workers or processes, and every item and epoch gets its own draws. The epoch lives
-in a shared-memory tensor that the DataLoader sets each time an epoch's iteration starts, so persistent
-workers see it without being restarted (see ``_EpochDataLoader``).
+in shared memory that the loader sets each time an epoch's iteration starts, so persistent workers see it
+without being restarted; the loader and the DataModule resume mid-epoch exactly (``data/resumable.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import torch
 from jsonargparse import lazy_instance
 from torch.utils.data import DataLoader, Dataset
 
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
+from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.pretrain.views import LOCAViews
 
@@ -81,8 +80,7 @@ class LOCAPretrainDataset(Dataset):
         self.source = source if isinstance(source, SyntheticScenes) else PathTable(source)
         self.views = views
         self.seed = int(seed)
-        # Shared memory: workers (persistent or not, fork or spawn) read the epoch the main process sets.
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch = SharedEpoch()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -90,11 +88,11 @@ class LOCAPretrainDataset(Dataset):
     @property
     def epoch(self) -> int:
         """The epoch that seeds the per-item randomness."""
-        return int(self._epoch[0])
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the items drawn from now on (in every worker)."""
-        self._epoch[0] = int(epoch)
+        self._epoch.set(epoch)
 
     def _image(self, index: int) -> np.ndarray:
         if isinstance(self.source, SyntheticScenes):
@@ -124,81 +122,7 @@ class LOCAPretrainDataset(Dataset):
         return item
 
 
-class _EpochDataLoader(DataLoader):
-    """DataLoader that sets its dataset's epoch from ``epoch_fn`` each time iteration starts.
-
-    ``iter()`` is where an epoch's indices are sent to the workers (persistent ones included), so the
-    epoch is in shared memory before any item of that epoch is drawn. ``epoch_fn`` is a constructor
-    argument so that it survives Lightning re-creating the loader to insert a DistributedSampler.
-    """
-
-    def __init__(
-        self,
-        dataset: LOCAPretrainDataset,
-        *args: Any,
-        epoch_fn: Callable[[], int | None],
-        progress_fn: Callable[[], int] | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(dataset, *args, **kwargs)
-        self.epoch_fn = epoch_fn
-        self.progress_fn = progress_fn  # batches of the current epoch the training loop has taken
-        self._resume: dict[str, int] | None = None
-        self._skip = 0
-        # The shuffle order is a function of (seed, epoch), not of how many epochs this loader has run: a run
-        # resumed at an epoch boundary (a fresh loader) sees the same order as an uninterrupted one.
-        self._shuffle_seed = self.generator.initial_seed() if self.generator is not None else None
-
-    def __iter__(self) -> Iterator[Any]:
-        # After a restore, the saved position wins: Lightning builds the first iterator before it moves its epoch
-        # counter past an epoch that a checkpoint saved at its last batch had finished.
-        resume, self._resume = self._resume, None
-        epoch = resume["epoch"] if resume is not None else self.epoch_fn()
-        if epoch is not None:
-            self.dataset.set_epoch(epoch)
-            if self._shuffle_seed is not None:
-                seed = np.random.SeedSequence((self._shuffle_seed, epoch)).generate_state(1)[0]
-                self.generator.manual_seed(int(seed))
-        if resume is not None:
-            self._skip = resume["batches"]  # read by _index_sampler while the iterator is built
-        try:
-            return super().__iter__()
-        finally:
-            self._skip = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Position in the epoch, which Lightning stores in checkpoints: a mid-epoch resume skips what was done."""
-        epoch = int(self.epoch_fn() or 0)
-        taken = int(self.progress_fn()) if self.progress_fn is not None else 0
-        if taken >= len(self):  # saved at the epoch's last batch: resume at the start of the next one
-            epoch, taken = epoch + 1, 0
-        return {"epoch": epoch, "batches": taken}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next iteration epoch ``state["epoch"]`` without its first ``state["batches"]`` batches."""
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
-
-    @property
-    def _index_sampler(self) -> Any:
-        # Skipping at the sampler level draws the same permutation, then drops indices without loading images.
-        sampler = super()._index_sampler
-        return _SkipFirst(sampler, self._skip) if self._skip else sampler
-
-
-class _SkipFirst:
-    """An index (or batch) sampler without its first ``skip`` entries."""
-
-    def __init__(self, sampler: Any, skip: int) -> None:
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-class LOCAPretrainDataModule(L.LightningDataModule):
+class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
     """Images (a folder tree, a path list, or synthetic scenes) -> batches of LOCA views and position targets.
 
     Batches: ``reference [B,3,R,R]``, ``query_large [B,3,S,S]``, ``query_focal [B,n,3,F,F]`` (uint8 unless
@@ -290,14 +214,6 @@ class LOCAPretrainDataModule(L.LightningDataModule):
         if self.dataset is None:
             self.dataset = LOCAPretrainDataset(self._source(), self._views, seed=self.hparams.seed)
 
-    def _current_epoch(self) -> int | None:
-        # None outside a Trainer: keep whatever set_epoch() was given.
-        return self.trainer.current_epoch if self.trainer is not None else None
-
-    def _batches_taken(self) -> int:
-        # Batches of the current epoch handed to training steps (not the one the fetcher prefetched).
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-
     def set_epoch(self, epoch: int) -> None:
         """Seed the per-item randomness of the following items with ``epoch`` (done automatically under a Trainer)."""
         if self.dataset is None:
@@ -309,17 +225,15 @@ class LOCAPretrainDataModule(L.LightningDataModule):
         if self.dataset is None:
             self.setup("fit")
         hp = self.hparams
-        return _EpochDataLoader(
+        return self.resumable_loader(
             self.dataset,
-            epoch_fn=self._current_epoch,
-            progress_fn=self._batches_taken,
+            # The shuffle order follows ``seed`` too (under DDP, Lightning's DistributedSampler takes over).
+            seed=hp.seed,
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             drop_last=hp.drop_last,
-            # The shuffle order follows ``seed`` too (under DDP, Lightning's DistributedSampler takes over).
-            generator=torch.Generator().manual_seed(hp.seed),
             worker_init_fn=keep_freed_memory,
         )

@@ -11,6 +11,7 @@ Layouts and label conventions are documented in ``seg_layouts``.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.classes import dataset_classes, label_colormap, read_class_names
-from loca_lightning.data.images import read_image, read_mask
+from loca_lightning.data.images import ImageReadError, read_image, read_mask
+from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch, item_seed
 from loca_lightning.data.seg_layouts import (
     IGNORE_INDEX,
     SegSample,
@@ -65,21 +67,30 @@ def fraction_subset(count: int, fraction: float, seed: int) -> np.ndarray:
 
 
 class _Augmented(Dataset):
-    """Base for datasets with an optional albumentations pipeline reseeded once per worker process."""
+    """Base for datasets with an optional albumentations pipeline whose draws for an item come from
+    ``(seed, epoch, index)`` alone: the same whatever worker, process or (resumed) run produces the item."""
 
-    def __init__(self, transform: A.Compose | None) -> None:
+    def __init__(self, transform: A.Compose | None, seed: int = 0) -> None:
         self.transform = transform
-        self._seed_key: tuple[int, int] | None = None
+        self.seed = int(seed)
+        self._epoch = SharedEpoch()  # set by the training loader when an epoch starts, read in the workers
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the augmentations."""
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the augmentations drawn from now on (in every worker)."""
+        self._epoch.set(epoch)
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.transform is None:
             return image, mask
-        # Forked workers inherit one generator state; reseed from torch's per-worker seed (which
-        # Lightning's seed_everything(workers=True) makes rank-aware) so workers differ yet runs repeat.
-        key = (os.getpid(), torch.initial_seed())
-        if key != self._seed_key:
-            self._seed_key = key
-            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+        # One numpy and one Python stream shared by the pipeline's steps (albumentations' set_random_seed would give
+        # every step its own stream from the same seed, so that their first draws coincide).
+        seed = item_seed(self.seed, self._epoch.get(), index)
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"]
 
@@ -87,8 +98,10 @@ class _Augmented(Dataset):
 class SegmentationDataset(_Augmented):
     """Image/mask files of a layout -> items with training labels, validated when loaded."""
 
-    def __init__(self, samples: Sequence[SegSample], num_classes: int, transform: A.Compose | None = None) -> None:
-        super().__init__(transform)
+    def __init__(
+        self, samples: Sequence[SegSample], num_classes: int, transform: A.Compose | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(transform, seed)
         self.samples = list(samples)
         self.num_classes = num_classes
 
@@ -104,7 +117,7 @@ class SegmentationDataset(_Augmented):
                 f"mask {str(sample.mask)!r} has shape {stored.shape} but its image {str(sample.image)!r} has {image.shape[:2]}"
             )
         mask = check_labels(apply_label_map(stored, sample.labels), self.num_classes, sample.mask)
-        image, mask = self._augment(image, mask)
+        image, mask = self._augment(image, mask, index)
         image_t, mask_t = to_tensors(image, mask)
         return {"image": image_t, "mask": mask_t, "name": sample.name, "image_path": str(sample.image)}
 
@@ -113,7 +126,7 @@ class SyntheticSegmentationDataset(_Augmented):
     """SyntheticScenes of one split as segmentation items (class 0 "background" is a real class)."""
 
     def __init__(self, split: str, length: int, image_size: int, seed: int, transform: A.Compose | None = None) -> None:
-        super().__init__(transform)
+        super().__init__(transform, seed)
         if split not in _SYNTHETIC_SPLIT_OFFSETS:
             raise ValueError(f"synthetic split must be one of {sorted(_SYNTHETIC_SPLIT_OFFSETS)}, got {split!r}")
         self.split = split
@@ -127,7 +140,7 @@ class SyntheticSegmentationDataset(_Augmented):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scenes[index]
-        image, mask = self._augment(scene["image"], scene["mask"])
+        image, mask = self._augment(scene["image"], scene["mask"], index)
         image_t, mask_t = to_tensors(image, mask)
         return {
             "image": image_t,
@@ -138,7 +151,12 @@ class SyntheticSegmentationDataset(_Augmented):
 
 
 class PredictImageDataset(Dataset):
-    """Images to segment, at native size: {"image" uint8 [3, H, W], "name", "image_path", "size" int64 [2]}."""
+    """Images to segment, at native size: {"image" uint8 [3, H, W], "name", "image_path", "size" int64 [2]}.
+
+    A file that cannot be decoded gives {"name", "image_path", "unreadable": reason} instead: a prediction job over a
+    user's folder writes every image it can (``pad_collate`` sets such items aside, the prediction writer reports
+    them). Evaluation datasets raise instead: a score over a silently shrunk dataset would be wrong.
+    """
 
     def __init__(self, paths: Sequence[str] | str) -> None:
         self.paths = predict_files(paths)
@@ -148,9 +166,14 @@ class PredictImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_t, _ = to_tensors(read_image(self.paths[index]))
+        path, name = str(self.paths[index]), self.names[index]
+        try:
+            image = read_image(path)
+        except ImageReadError as error:
+            return {"name": name, "image_path": path, "unreadable": error.reason}
+        image_t, _ = to_tensors(image)
         size = torch.tensor(image_t.shape[1:], dtype=torch.int64)  # [2] (H, W)
-        return {"image": image_t, "name": self.names[index], "image_path": str(self.paths[index]), "size": size}
+        return {"image": image_t, "name": name, "image_path": path, "size": size}
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
@@ -163,12 +186,19 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch native-size items: pad images with 0 and masks with 255 (bottom/right) to the largest; ``sizes`` [B, 2] = (H, W)."""
-    sizes = torch.tensor([list(item["image"].shape[1:]) for item in items], dtype=torch.int64)  # [B, 2]
-    height, width = (int(v) for v in sizes.max(dim=0).values)
+    """Batch native-size items: pad images with 0 and masks with 255 (bottom/right) to the largest; ``sizes`` [B, 2] = (H, W).
+
+    Unreadable items (``"unreadable"``, from :class:`PredictImageDataset`) are left out of the tensors and listed in
+    ``batch["unreadable"]`` as ``{"name", "image_path", "reason"}``.
+    """
+    unreadable = [{"name": i["name"], "image_path": i["image_path"], "reason": i["unreadable"]} for i in items
+                  if "unreadable" in i]  # fmt: skip
+    items = [item for item in items if "unreadable" not in item]
+    sizes = torch.tensor([list(item["image"].shape[1:]) for item in items], dtype=torch.int64).view(-1, 2)  # [B, 2]
+    height, width = (int(v) for v in sizes.max(dim=0).values) if items else (0, 0)
     images = torch.zeros(len(items), 3, height, width, dtype=torch.uint8)  # [B, 3, H, W]
     batch: dict[str, Any] = {"image": images, "sizes": sizes}
-    has_mask = "mask" in items[0]
+    has_mask = bool(items) and "mask" in items[0]
     if has_mask:
         batch["mask"] = torch.full((len(items), height, width), IGNORE_INDEX, dtype=torch.int64)  # [B, H, W]
     for i, item in enumerate(items):
@@ -178,11 +208,17 @@ def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             batch["mask"][i, :h, :w] = item["mask"]
     batch["name"] = [item["name"] for item in items]
     batch["image_path"] = [item["image_path"] for item in items]
+    if unreadable:
+        batch["unreadable"] = unreadable
     return batch
 
 
-class SegmentationDataModule(L.LightningDataModule):
-    """Semantic-segmentation data for finetuning, evaluation and prediction in any supported layout."""
+class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
+    """Semantic-segmentation data for finetuning, evaluation and prediction in any supported layout.
+
+    Training batches are a function of ``seed``, the epoch and the position in it (shuffle order and augmentations),
+    so a run resumed from a checkpoint, mid-epoch too, sees the batches the uninterrupted run would have seen.
+    """
 
     def __init__(
         self,
@@ -316,7 +352,7 @@ class SegmentationDataModule(L.LightningDataModule):
         else:
             samples = self._samples(split, training)
             check_sample_sizes(samples)
-            dataset = SegmentationDataset(samples, self.num_classes, transform)
+            dataset = SegmentationDataset(samples, self.num_classes, transform, hp.seed)
             count = len(samples)
         if training and hp.label_fraction < 1.0:
             dataset = torch.utils.data.Subset(dataset, fraction_subset(count, hp.label_fraction, hp.seed).tolist())
@@ -341,17 +377,21 @@ class SegmentationDataModule(L.LightningDataModule):
             raise RuntimeError(f"call setup({stage!r}) before asking for its dataloader")
         hp = self.hparams
         batch_size = hp.batch_size if training else hp.eval_batch_size
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_size=batch_size,
-            shuffle=training,
-            # Full batches only, unless the (low-label) training set is smaller than one batch.
-            drop_last=training and len(dataset) >= batch_size,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # no warning on CPU-only hosts
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            collate_fn=None if training else pad_collate,
         )
+        if training:
+            # Full batches only, unless the (low-label) training set is smaller than one batch.
+            return self.resumable_loader(
+                dataset, hp.seed, shuffle=True, drop_last=len(dataset) >= batch_size, **options
+            )
+        # A generator of its own for the workers' base seed: without one, DataLoader draws it from the global torch
+        # RNG whenever an evaluation iterator starts, which would move training's stream (drop path) by a draw that a
+        # resumed run makes at another time.
+        return DataLoader(dataset, collate_fn=pad_collate, generator=torch.Generator().manual_seed(hp.seed), **options)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled crop-sized batches: image uint8 [B, 3, crop, crop], mask int64 [B, crop, crop]."""

@@ -30,6 +30,7 @@ from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.segmentation.decoders import build_decoder
 from loca_lightning.segmentation.inference import SegmentationInference
 from loca_lightning.segmentation.metrics import SegmentationMetric, format_class_table
+from loca_lightning.weights_files import CheckpointFileError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class SegmentationFinetuneModule(L.LightningModule):
         if pretrained:
             try:
                 load_backbone_weights(self.backbone, pretrained_checkpoint, which=pretrained_weights)
+            except CheckpointFileError:  # not a weights file at all: its own message says what it is
+                raise
             except (ValueError, KeyError) as error:
                 raise ValueError(f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}") from error
             log.info("backbone initialised from %s (%s weights)", pretrained, pretrained_weights)

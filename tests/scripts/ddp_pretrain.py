@@ -17,7 +17,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from loca_lightning.pretrain.module import LOCAPretrainModule  # noqa: E402
+from loca_lightning.distributed import destroy_process_groups
+from loca_lightning.pretrain.module import LOCAPretrainModule
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=0.5, reference_mask="unstructured",
@@ -73,6 +74,7 @@ def main() -> None:
     trainer.fit(model, StridedData(batch_size=per_device, length=16))
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "initial": initial, "world_size": trainer.world_size}, out)
+    destroy_process_groups()  # before Python shuts down: see loca_lightning/distributed.py
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from _fake_loca import StopAt  # tests/, on PYTHONPATH (tests/test_distributed.p
 from ddp_pretrain import TINY, SampleMasks, StridedData  # this script's folder
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from loca_lightning.distributed import destroy_process_groups
+
 
 def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule:
     L.seed_everything(0)
@@ -44,6 +46,7 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save({"state_dict": full, "initial": model.initial, "global_step": trainer.global_step,
                     "param_type": sharded}, out)
+    destroy_process_groups()  # before Python shuts down: see loca_lightning/distributed.py
 
 
 if __name__ == "__main__":
