@@ -1,9 +1,9 @@
 """A checkpoint written by loca-lightning 0.1.0 (before the module split) still loads, exports and resumes.
 
-tests/data/loca_pretrain_v0.ckpt: LOCAPretrainModule(backbone="vit_test_patch16", reference_size=64,
-num_prototypes=16, projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1, warmup_epochs=1,
-query_keep_ratio=0.4) after 2 steps on FakeLOCADataModule(batch_size=2, length=4, size=64, focal=32, num_focal=1),
-written by ``trainer.save_checkpoint`` with the code of commit 71ccf7d.
+tests/data/loca_pretrain_v0.ckpt: LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32},
+reference_size=32, num_prototypes=16, projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1, warmup_epochs=1,
+query_keep_ratio=0.4) after 2 steps on FakeLOCADataModule(batch_size=2, length=4, size=32, focal=16, num_focal=1,
+patch=8), written by ``trainer.save_checkpoint`` with the code of commit 71ccf7d.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ def test_old_checkpoint_loads_weights_only_with_every_tensor():
 
 @pytest.mark.slow
 def test_old_checkpoint_resumes_training(tmp_path):
-    model = LOCAPretrainModule(backbone="vit_test_patch16", reference_size=64, num_prototypes=16,
-                               projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1, warmup_epochs=1,
-                               query_keep=6)  # fmt: skip
+    model = LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32}, reference_size=32,
+                               num_prototypes=16, projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1,
+                               warmup_epochs=1, query_keep=6)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(model, FakeLOCADataModule(batch_size=2, length=4, size=64, focal=32, num_focal=1), ckpt_path=OLD)
+    data = FakeLOCADataModule(batch_size=2, length=4, size=32, focal=16, num_focal=1, patch=8)
+    trainer.fit(model, data, ckpt_path=OLD)
     assert trainer.global_step == 3
     optimizer = model.optimizers().optimizer
     exp_avg = {id(p): optimizer.state[p]["exp_avg"] for g in optimizer.param_groups for p in g["params"]}
