@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from loca_lightning.data.resumable import ResumableLoader, train_position
 from loca_lightning.data.segmentation import SegmentationDataModule
+from loca_lightning.pretrain.views import LOCAViews
 
 VIEWS = dict(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8)
 
@@ -67,7 +68,7 @@ def test_train_position_moves_to_the_next_epoch_after_its_last_batch() -> None:
 def test_datamodule_position_reaches_the_next_training_loader_once() -> None:
     from loca_lightning.data.pretrain import LOCAPretrainDataModule
 
-    dm = LOCAPretrainDataModule(source="synthetic", synthetic_length=4, synthetic_image_size=40, views=VIEWS,
+    dm = LOCAPretrainDataModule(source="synthetic", synthetic_length=4, synthetic_image_size=40, views=LOCAViews(**VIEWS),
                                 batch_size=1, num_workers=0, pin_memory=False, seed=5)  # fmt: skip
     assert dm.state_dict() == {}  # outside fit: nothing to save
     reference = [batch["target_large"] for batch in dm.train_dataloader()]
