@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loca_lightning.callbacks.common import check_positive, frozen, module_device
+from loca_lightning.data.segmentation import unpadded
 from loca_lightning.rng import OwnRNG
 from loca_lightning.segmentation.metrics import SegmentationMetric
 from loca_lightning.visualize import patch_labels
@@ -152,12 +153,11 @@ class OnlineDenseProbe(L.Callback):
         for index, batch in enumerate(self.datamodule.val_dataloader()):
             if index >= self.val_batches:
                 break
-            sizes = batch.get("sizes")
-            for i in range(batch["image"].shape[0]):
-                height, width = (int(v) for v in sizes[i]) if sizes is not None else batch["image"].shape[-2:]
+            for image, mask in unpadded(batch):
+                height, width = image.shape[-2:]
                 crop_h, crop_w = height - height % patch, width - width % patch  # whole patches only
-                image = batch["image"][i : i + 1, :, :crop_h, :crop_w]
-                mask = batch["mask"][i : i + 1, :crop_h, :crop_w].to(metric.area_union.device)
+                image = image[..., :crop_h, :crop_w]
+                mask = mask[..., :crop_h, :crop_w].to(metric.area_union.device)
                 tokens, (gh, gw) = self._features(pl_module, image)
                 logits = self.probe(tokens).transpose(1, 2).reshape(1, -1, gh, gw)  # [1, C, gh, gw]
                 logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +183,16 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
         return stems
     common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
     return [p.resolve().relative_to(common).with_suffix("").as_posix().replace("/", "__") for p in paths]
+
+
+def unpadded(batch: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each image ``[1, 3, h, w]`` of a batch at its own size, with its mask ``[1, h, w]`` (None without masks): the
+    padding :func:`pad_collate` added (recorded in ``sizes``) cut off."""
+    images, masks, sizes = batch["image"], batch.get("mask"), batch.get("sizes")
+    for i in range(images.shape[0]):
+        height, width = (int(v) for v in sizes[i]) if sizes is not None else images.shape[-2:]
+        mask = masks[i : i + 1, :height, :width] if masks is not None else None
+        yield images[i : i + 1, :, :height, :width], mask
 
 
 def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

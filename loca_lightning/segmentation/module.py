@@ -24,6 +24,7 @@ from loca_lightning.backbones import build_backbone, load_backbone_weights
 from loca_lightning.backbones.checkpoints import check_activation, load_weights_file
 from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import warn_hparam_changes
+from loca_lightning.data.segmentation import unpadded
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
@@ -179,12 +180,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetric) -> None:
-        sizes = batch.get("sizes")
-        for i in range(batch["image"].shape[0]):
-            image, mask = batch["image"][i : i + 1], batch["mask"][i : i + 1]
-            if sizes is not None:  # padded to batch: evaluate on the image's own pixels only
-                height, width = (int(v) for v in sizes[i])
-                image, mask = image[..., :height, :width], mask[..., :height, :width]
+        for image, mask in unpadded(batch):  # each image on its own pixels only
             metric.update(self.predict_logits(image).argmax(1), mask)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -207,13 +203,8 @@ class SegmentationFinetuneModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Class-index masks (uint8/int16 on CPU) at each image's original size, with names and paths."""
-        sizes = batch.get("sizes")
         masks = []
-        for i in range(batch["image"].shape[0]):
-            image = batch["image"][i : i + 1]
-            if sizes is not None:
-                height, width = (int(v) for v in sizes[i])
-                image = image[..., :height, :width]
+        for image, _ in unpadded(batch):
             pred = self.predict_logits(image).argmax(1)[0]
             masks.append(pred.to(torch.uint8 if self.hparams.num_classes <= 256 else torch.int16).cpu())
         return {"masks": masks, "name": batch["name"], "image_path": batch["image_path"]}
