@@ -178,7 +178,7 @@ class ViT(VisionTransformer):
         grad_checkpointing: bool = False,
         **timm_kwargs: Any,
     ) -> None:
-        super().__init__(
+        config: dict[str, Any] = dict(
             img_size=img_size,
             patch_size=patch_size,
             embed_dim=embed_dim,
@@ -186,12 +186,15 @@ class ViT(VisionTransformer):
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
+            **timm_kwargs,
+        )
+        super().__init__(
+            **{"block_fn": DropPathBlock, **config},
             drop_path_rate=drop_path_rate,
             class_token=False,
             global_pool="avg",
             fc_norm=False,
             num_classes=0,
-            **{"block_fn": DropPathBlock, **timm_kwargs},
         )
         self.patch_embed.strict_img_size = False  # any multiple of the patch size; the grid follows the input
         for block in self.blocks:  # timm's attention with a faster kernel choice when training on the CPU
@@ -204,16 +207,7 @@ class ViT(VisionTransformer):
                         rate = getattr(layer, "drop_prob", 0.0)
                         setattr(block, name, TensorDropPath(rate, getattr(layer, "scale_by_keep", True)))
         self.grad_checkpointing = grad_checkpointing
-        self.timm_config: dict[str, Any] = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            **timm_kwargs,
-        )
+        self.timm_config = config  # the arguments under which timm's VisionTransformer has these weights (export)
         self._pos_cache: dict[tuple, Tensor] = {}
 
     @property
