@@ -39,6 +39,12 @@ from examples.stages import (
 from loca_lightning.cli import tune_malloc
 from loca_lightning.data.synthetic import colorize_mask
 
+# What the printed `tensorboard` command shows (the pretraining callbacks are configured in configs/demo/pretrain.yaml).
+TENSORBOARD_GUIDE = """  pretrain_loca  SCALARS train/loss*, train/acc_location*, probe/mIoU (online dense probe on the teacher);
+                 IMAGES loca/reference_band, loca/query_positions (true green, predicted red), loca/pca_teacher,
+                 loca/pca_student, loca/attention_teacher, loca/attention_student
+  finetune_*     SCALARS train/loss, val/mIoU"""
+
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend; matplotlib is the ``examples`` extra of the project."""
@@ -182,8 +188,7 @@ def run_demo(
     (out / "results.md").write_text(table + "\n")
     log(f"done in {results['wall_time_s']:.0f}s, peak memory {results['peak_memory_mb']:.0f} MB", start)
     print(
-        f"\n{table}\n\nFigure: {out / 'demo.png'}\nTensorBoard: tensorboard --logdir {out}  (scalars; pretraining images "
-        "under IMAGES: reference band, query positions, PCA and attention of teacher and student; probe/mIoU)\n",
+        f"\n{table}\n\nFigure: {out / 'demo.png'}\nTensorBoard: tensorboard --logdir {out}\n{TENSORBOARD_GUIDE}\n",
         flush=True,
     )
     return results

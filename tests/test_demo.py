@@ -5,7 +5,9 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from examples import demo, experiment, stages
 
@@ -19,10 +21,24 @@ FINETUNE = ["--trainer.max_steps=2", "--trainer.val_check_interval=1", "--traine
 
 
 
+def _quick_pretrain_config(folder):
+    """configs/demo/pretrain.yaml with its image logger and dense probe at every step, on a few probe scenes."""
+    config = yaml.safe_load((stages.CONFIG_DIR / "pretrain.yaml").read_text())
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
+    callbacks["LOCAImageLogger"]["every_n_steps"] = 1
+    probe = callbacks["OnlineDenseProbe"]
+    probe.update(every_n_steps=1, train_every_n_steps=1, val_batches=1)
+    probe["data"].update(synthetic_length=4, synthetic_val_length=2, synthetic_image_size=64)
+    folder.mkdir()
+    (folder / "pretrain.yaml").write_text(yaml.safe_dump(config))  # seg.yaml comes from configs/demo
+    return folder
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_demo_pipeline_smoke(tmp_path, capsys):
+    config_dir = _quick_pretrain_config(tmp_path / "configs")
     out = tmp_path / "out"
-    results = demo.run_demo(out, seed=0, pretrain_extra=PRETRAIN, finetune_extra=FINETUNE,
+    results = demo.run_demo(out, seed=0, pretrain_extra=PRETRAIN, finetune_extra=FINETUNE, config_dir=config_dir,
                             num_figure_images=2, location_images=8)
     printed = capsys.readouterr().out
     assert "| LOCA |" in printed and "| random init |" in printed and "location accuracy" in printed
@@ -40,6 +56,14 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
     assert pre["chance"] == pytest.approx(1 / 16)  # 32-pixel reference, 8-pixel patches
     assert 0.0 <= pre["location_accuracy_heldout"] <= 1.0
     assert (out / "pretrain_loca").is_dir() and pre["checkpoint"].endswith("last.ckpt")
+
+    # What a newcomer sees in TensorBoard for the pretraining: the image logger's pictures and the probe's curve.
+    events = EventAccumulator(pre["log_dir"], size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert {"loca/reference_band", "loca/query_positions", "loca/pca_teacher", "loca/pca_student",
+            "loca/attention_teacher", "loca/attention_student"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("loca/pca_teacher")] == [1, 2]
+    assert [e.step for e in events.Scalars("probe/mIoU")] == pre["probe_curve"][0] and len(pre["probe_curve"][0]) == 2
+    assert 0.0 <= pre["probe_miou"] <= 1.0 and "Online dense probe" in printed
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["finetune"] == fine
