@@ -13,24 +13,24 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,examples]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m loca_lightning.demo --out runs/demo
+	$(PY) -m examples.demo --out runs/demo
 
 experiment: $(STAMP)
-	$(PY) -m loca_lightning.demo --experiment --out runs/experiment
+	$(PY) -m examples.demo --experiment --out runs/experiment
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench_results/bench.json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check loca_lightning tests benchmarks
-	$(VENV)/bin/ruff format --diff loca_lightning tests benchmarks || echo "(formatting differences above are reported, not enforced yet)"
+	$(VENV)/bin/ruff check loca_lightning examples tests benchmarks
+	$(VENV)/bin/ruff format --diff loca_lightning examples tests benchmarks || echo "(formatting differences above are reported, not enforced yet)"
 
 clean:
 	rm -rf runs lightning_logs bench_results .pytest_cache .ruff_cache build *.egg-info

@@ -32,12 +32,12 @@ def _probe_data() -> SegmentationDataModule:
                                   eval_batch_size=2, num_workers=0, persistent_workers=False, pin_memory=False)
 
 
-def _pretrain(tmp_path: Path, callbacks: list, logger=False) -> LOCAPretrainModule:
+def _pretrain(tmp_path: Path, callbacks: list, logger=False, log_every_n_steps: int = 1) -> LOCAPretrainModule:
     L.seed_everything(0)
     model = LOCAPretrainModule(**TINY)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, callbacks=callbacks, deterministic=True,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, log_every_n_steps=1)
+                        default_root_dir=tmp_path, log_every_n_steps=log_every_n_steps)
     trainer.fit(model, datamodule=FakeLOCADataModule(batch_size=4, length=16, size=64, focal=32, num_focal=2))
     return model
 
@@ -76,6 +76,17 @@ def test_image_logger_runs_no_forward_between_logging_steps(tmp_path):
     # Training runs the student's last block twice per step (large and focal queries), seen at global_step 0..3;
     # the logger adds one PCA forward after step 3 only (its attention path calls the last block's parts directly).
     assert calls == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+
+
+def test_probe_logs_every_evaluation_whatever_the_trainers_logging_interval(tmp_path):
+    # Lightning writes self.log values only every log_every_n_steps; the probe's points must not depend on that.
+    probe = OnlineDenseProbe(datamodule=_probe_data(), every_n_steps=2, train_every_n_steps=2, val_batches=1)
+    logger = TensorBoardLogger(tmp_path / "tb", name="run")
+    _pretrain(tmp_path, [probe], logger=logger, log_every_n_steps=3)
+    events = EventAccumulator(str(Path(logger.log_dir)), size_guidance={"scalars": 0}).Reload()
+    points = events.Scalars("probe/mIoU")
+    assert [e.step for e in points] == [step for step, _ in probe.history] == [2, 4]
+    assert [e.value for e in points] == pytest.approx([miou for _, miou in probe.history])
 
 
 def test_without_its_own_rng_the_probe_would_change_training(tmp_path, monkeypatch):

@@ -126,7 +126,15 @@ class OnlineDenseProbe(L.Callback):
             if step % self.every_n_steps == 0:
                 miou = self.evaluate(pl_module)
                 self.history.append((step, miou))
-                pl_module.log("probe/mIoU", miou, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+                self._log(trainer, step, miou)
+
+    @staticmethod
+    def _log(trainer: L.Trainer, step: int, miou: float) -> None:
+        # Straight to the loggers: through pl_module.log an on-step value reaches them only on Lightning's own logging
+        # steps (every trainer.log_every_n_steps), so a probe every 256 steps with logging every 5 wrote nothing.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"probe/mIoU": miou}, step=step)
 
     def train_probe(self, pl_module: L.LightningModule) -> None:
         """``probe_steps`` cross-entropy steps of the probe on one labelled batch at the patch grid."""
