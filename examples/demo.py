@@ -37,7 +37,8 @@ from examples.stages import (
     read_scalars,
 )
 from loca_lightning.cli import tune_malloc
-from loca_lightning.data.synthetic import colorize_mask
+from loca_lightning.data.synthetic import SYNTHETIC_PALETTE
+from loca_lightning.visualize import colorize
 
 # What the printed `tensorboard` command shows (the pretraining callbacks are configured in configs/demo/pretrain.yaml).
 TENSORBOARD_GUIDE = """  pretrain_loca  SCALARS train/loss*, train/acc_location*, probe/mIoU (online dense probe on the teacher);
@@ -78,8 +79,8 @@ def save_figure(path: Path, samples: list[dict], predictions: dict[str, list[np.
     grid = fig.add_gridspec(rows + 1, max(cols, 3), height_ratios=[1] * rows + [1.6], hspace=0.35)
     labels = ["image", "ground truth"] + [f"{INIT_NAMES.get(n, n)}" for n in names]
     for j, sample in enumerate(samples):
-        pictures = [sample["image"].permute(1, 2, 0).numpy(), colorize_mask(sample["mask"].numpy())]
-        pictures += [colorize_mask(predictions[n][j]) for n in names]
+        pictures = [sample["image"].permute(1, 2, 0).numpy(), colorize(sample["mask"].numpy(), SYNTHETIC_PALETTE)]
+        pictures += [colorize(predictions[n][j], SYNTHETIC_PALETTE) for n in names]
         for i, picture in enumerate(pictures):
             ax = fig.add_subplot(grid[i, j])
             ax.imshow(picture, interpolation="nearest")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from loca_lightning.cli import LOCACLI
 from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.pretrain.evaluation import location_accuracy
 from loca_lightning.pretrain.module import LOCAPretrainModule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # examples/ sits next to configs/
@@ -88,38 +88,10 @@ def finetune(
     return cli, metrics
 
 
-@torch.no_grad()
-def location_accuracy(model: LOCAPretrainModule, views: Any, num_images: int = 256, image_size: int = 96) -> float:
+def heldout_location_accuracy(model: LOCAPretrainModule, views: Any, num_images: int = 256, image_size: int = 96) -> float:
     """Location accuracy on held-out scenes (same views and masking as training, eval mode, fixed draws)."""
     scenes = SyntheticScenes(length=num_images, image_size=image_size, seed=HELD_OUT_SEED, with_masks=False)
-    was_training = model.training
-    model.eval()
-    hits = valid = 0
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the masks drawn here are the same for every model compared
-            for start in range(0, num_images, 64):
-                stop = min(num_images, start + 64)
-                items = [
-                    views(scenes[i]["image"], np.random.default_rng((HELD_OUT_SEED, i))) for i in range(start, stop)
-                ]
-                batch = {k: torch.from_numpy(np.stack([item[k] for item in items])) for k in items[0]}
-                size = batch["reference"].shape[0]
-                keep = model.select_reference_keep(size)  # [B, Kr]
-                keys, _ = model.encode_reference(model.normalize(batch["reference"]), keep)
-                large_keep = model.select_query_keep(size, batch["target_large"].shape[1])  # [B, Kq]
-                queries = (model.normalize(batch["query_large"]), model.normalize(batch["query_focal"]))
-                tokens = model.encode_queries(*queries, large_keep)  # [B, Q, D]
-                target = torch.cat(
-                    [torch.gather(batch["target_large"], 1, large_keep), batch["target_focal"].flatten(1)], 1
-                )
-                logits = model.student.location_head(tokens, keys)  # [B, Q, P]
-                labelled = target >= 0
-                hits += int(((logits.argmax(-1) == target) & labelled).sum())
-                valid += int(labelled.sum())
-    finally:
-        model.train(was_training)
-    return hits / max(valid, 1)
+    return location_accuracy(model, views, [scenes[i]["image"] for i in range(num_images)], seed=HELD_OUT_SEED)
 
 
 def read_scalars(log_dir: str | Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +131,7 @@ def pretrain_summary(cli: LOCACLI, location_images: int = 256) -> dict[str, Any]
         "backbone": model.hparams.backbone,
         "chance": 1.0 / model.num_positions,
         "location_accuracy_train": smoothed_tail(acc),
-        "location_accuracy_heldout": location_accuracy(
+        "location_accuracy_heldout": heldout_location_accuracy(
             model, cli.datamodule.views, location_images, cli.datamodule.hparams.synthetic_image_size
         ),
         "probe_miou": float(probe[-1]) if len(probe) else None,

@@ -1,12 +1,12 @@
 """LOCA learns: a short CPU fit on synthetic scenes lifts location accuracy far above chance on new views."""
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
 from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.pretrain.evaluation import location_accuracy
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.pretrain.views import LOCAViews
 
@@ -16,25 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGE, REFERENCE, PATCH, SCENES = 48, 32, 8, 32  # 4x4 = 16 reference positions: chance is 1/16
 
 
-def location_accuracy(model: LOCAPretrainModule, views, scenes: SyntheticScenes) -> float:
+def heldout_accuracy(model: LOCAPretrainModule, views, scenes: SyntheticScenes) -> float:
     """Accuracy of the location head on fresh random views (a draw never used in training) of ``scenes``."""
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same masks for the model before and after training
-            items = [views(scenes[i]["image"], np.random.default_rng((7, i))) for i in range(len(scenes))]
-            batch = {k: torch.from_numpy(np.stack([item[k] for item in items])) for k in items[0]}
-            keep = model.select_reference_keep(len(items))
-            keys, _ = model.encode_reference(model.normalize(batch["reference"]), keep)
-            large_keep = model.select_query_keep(len(items), batch["target_large"].shape[1])
-            tokens = model.encode_queries(model.normalize(batch["query_large"]), model.normalize(batch["query_focal"]),
-                                          large_keep)
-            target = torch.cat([torch.gather(batch["target_large"], 1, large_keep), batch["target_focal"].flatten(1)], 1)
-            logits = model.student.location_head(tokens, keys)  # [B, Q, 16]
-            labelled = target >= 0
-            return float(((logits.argmax(-1) == target) & labelled).sum() / labelled.sum())
-    finally:
-        model.train()
+    return location_accuracy(model, views, [scenes[i]["image"] for i in range(len(scenes))], seed=7)
 
 
 def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.32, 1.0)) -> tuple[float, float, float]:
@@ -51,11 +35,11 @@ def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.3
     )  # fmt: skip
     data.setup()
     scenes = SyntheticScenes(length=SCENES, image_size=image, seed=0, with_masks=False)  # the training scenes
-    before = location_accuracy(model, data.views, scenes)
+    before = heldout_accuracy(model, data.views, scenes)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)  # fmt: skip
     trainer.fit(model, data)
-    return before, location_accuracy(model, data.views, scenes), 1.0 / model.num_positions
+    return before, heldout_accuracy(model, data.views, scenes), 1.0 / model.num_positions
 
 
 @pytest.mark.slow

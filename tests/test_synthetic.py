@@ -12,7 +12,6 @@ from loca_lightning.data.synthetic import (
     SYNTHETIC_PALETTE,
     SyntheticScenes,
     _background,
-    colorize_mask,
     render_scene,
     render_scene_layers,
 )
@@ -175,16 +174,6 @@ def test_index_out_of_range_raises():
         data[3]
     with pytest.raises(IndexError):
         data[-4]
-
-
-def test_colorize_mask_known_answer():
-    mask = np.array([[0, 1], [2, 0]], dtype=np.uint8)
-    out = colorize_mask(mask, SYNTHETIC_PALETTE)
-    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[0, 1], SYNTHETIC_PALETTE[1])
-    np.testing.assert_array_equal(out[1, 0], SYNTHETIC_PALETTE[2])
-    with pytest.raises(ValueError, match="palette"):
-        colorize_mask(np.array([[3]]), SYNTHETIC_PALETTE[:3])
 
 
 def _mean_colours(images_masks):

@@ -354,17 +354,6 @@ def render_scene_layers(
     return image, mask, stacked, labels
 
 
-def colorize_mask(mask: np.ndarray, palette: np.ndarray = SYNTHETIC_PALETTE) -> np.ndarray:
-    """Map a label mask [H, W] to colours [H, W, 3] uint8 through ``palette`` [C, 3]."""
-    mask = np.asarray(mask)
-    palette = np.asarray(palette, dtype=np.uint8)
-    if palette.ndim != 2 or palette.shape[1] != 3:
-        raise ValueError(f"palette must have shape [C, 3], got {palette.shape}")
-    if mask.size and (mask.min() < 0 or mask.max() >= len(palette)):
-        raise ValueError(f"mask values must lie in [0, {len(palette)}) to index the palette, got {mask.max()}")
-    return palette[mask.astype(np.intp)]
-
-
 def _check_scene_args(height: int, width: int, num_classes: int, min_objects: int, max_objects: int) -> None:
     if height < 8 or width < 8:
         raise ValueError(f"image height and width must be at least 8 pixels, got {height}x{width}")
