@@ -41,10 +41,10 @@ from loca_lightning.data.synthetic import SYNTHETIC_PALETTE
 from loca_lightning.visualize import colorize
 
 # What the printed `tensorboard` command shows (the pretraining callbacks are configured in configs/demo/pretrain.yaml).
-TENSORBOARD_GUIDE = """  pretrain_loca  SCALARS train/loss*, train/acc_location*, probe/mIoU (online dense probe on the teacher);
+TENSORBOARD_GUIDE = """  pretrain_loca  SCALARS train/loss*, train/acc_location*, probe/mIoU (the online dense probe);
                  IMAGES loca/reference_band, loca/query_positions (true green, predicted red), loca/pca_teacher,
                  loca/pca_student, loca/attention_teacher, loca/attention_student
-  finetune_*     SCALARS train/loss, val/mIoU"""
+  finetune_*     SCALARS train/loss, val/mIoU, val/mAcc, val/aAcc, test/*"""
 
 
 def pyplot() -> Any:
