@@ -285,6 +285,7 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 1 and "img07.png" in skipped[0] and "not a decodable image" in skipped[0]
     assert f"wrote 19 masks to {out}; skipped 1 unreadable image" in capsys.readouterr().out
+    assert not Path("checkpoints").exists()  # no logger: a predict run saves no config, creates no folder
 
     # On request the job stops at the first unreadable image instead.
     with pytest.raises(ImageReadError, match=r"img07\.png"):

@@ -103,18 +103,21 @@ def _kill_at(process: subprocess.Popen, checkpoint: Path, step: int, timeout: fl
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Path, case: str) -> None:
     args, devices, kill_step = CASES[case]
-    _finish(_start(tmp_path / "once", args, devices))
-
+    once = _start(tmp_path / "once", args, devices)  # the uninterrupted run, alongside the others
     killed = _start(tmp_path / "killed", args, devices, "--trainer.callbacks+=_pause.PauseAfter",
                     f"--trainer.callbacks.step={kill_step}")  # fmt: skip
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    _kill_at(killed, last, kill_step)
-    assert killed.returncode == -signal.SIGKILL
-    saved = torch.load(last, map_location="cpu", weights_only=True)
-    assert saved["global_step"] == kill_step
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 3  # mid-epoch
-
-    _finish(_start(tmp_path / "killed", args, devices, f"--ckpt_path={last}"))
+    try:
+        _kill_at(killed, last, kill_step)
+        assert killed.returncode == -signal.SIGKILL
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        assert saved["global_step"] == kill_step
+        assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 3  # mid-epoch
+        _finish(_start(tmp_path / "killed", args, devices, f"--ckpt_path={last}"))
+    except BaseException:
+        os.killpg(once.pid, signal.SIGKILL)
+        raise
+    _finish(once)
     once = torch.load(tmp_path / "once" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == once["global_step"] == kill_step + (5 if devices == 1 else 1)

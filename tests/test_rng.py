@@ -1,9 +1,11 @@
-"""Random-number state: every global stream comes back from a checkpoint, and side work leaves training's draws alone."""
+"""Random-number state: every global stream comes back from a checkpoint (each process its own), and side work leaves
+training's draws alone."""
 
 import io
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from loca_lightning.rng import OwnRNG, capture_rng_state, isolated_rng, restore_rng_state
@@ -60,3 +62,40 @@ def test_isolated_rng_restores_the_global_streams():
     with isolated_rng():
         _draws()
     assert _draws() == expected
+
+
+def _per_rank_resume(rank: int, world_size: int) -> dict:
+    """Each rank draws from streams of its own, one rank's checkpoint is restored on all: each continues its own."""
+    torch.manual_seed(100 + rank)
+    np.random.seed(100 + rank)
+    random.seed(100 + rank)
+    mask = torch.Generator().manual_seed(7 + rank)
+    state = capture_rng_state({"mask": mask})  # a collective: every rank gathers all ranks' states
+    expected = _draws(mask)
+    buffer = io.BytesIO()
+    torch.save({"rng": state}, buffer)  # what rank 0 would write
+    payload = [buffer.getvalue()]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    torch.manual_seed(0)  # a fresh process: nothing but the checkpoint carries the streams over
+    loaded = torch.load(io.BytesIO(payload[0]), weights_only=True)["rng"]
+    generators = restore_rng_state(loaded)
+    restored = torch.Generator()
+    restored.set_state(generators["mask"])
+    return {"same": _draws(restored) == expected, "saved_ranks": len(loaded["by_rank"])}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_each_process_gets_its_own_streams_back_from_one_checkpoint():
+    from _dist import run_distributed
+
+    results = run_distributed(_per_rank_resume, 2)
+    assert results == [{"same": True, "saved_ranks": 2}] * 2
+
+
+def test_a_checkpoint_of_another_number_of_processes_warns_and_reseeds_named_generators():
+    state = capture_rng_state({"mask": torch.Generator().manual_seed(1)})
+    two_ranks = {**state, "by_rank": [state, state]}
+    with pytest.warns(UserWarning, match="random state of 2 process"):
+        generators = restore_rng_state(two_ranks)
+    assert generators == {}  # reseeded by their owner instead of every process drawing the same numbers

@@ -190,8 +190,10 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         written, skipped = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
         self.num_written, self.num_skipped = written, skipped
         if trainer.is_global_zero:
-            note = f"; skipped {skipped} unreadable image{'s' if skipped != 1 else ''} (listed above)" if skipped else ""
-            print(f"loca predict: wrote {written} mask{'s' if written != 1 else ''} to {self.output_dir}{note}", flush=True)
+            masks = f"{written} mask{'s' if written != 1 else ''}"
+            images = f"{skipped} unreadable image{'s' if skipped != 1 else ''}"
+            note = f"; skipped {images} (listed above)" if skipped else ""
+            print(f"loca predict: wrote {masks} to {self.output_dir}{note}", flush=True)
 
     def _save(self, image: Image.Image, path: Path, fmt: str, **options: Any) -> None:
         # "x" mode fails if the file appeared since the check (another process), so even a race cannot overwrite.

@@ -44,7 +44,9 @@ def _samples(batch: Any) -> int | None:
 def _number(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return "?" if math.isinf(value) else f"{value:.4g}"
+    return str(value)
 
 
 class ProgressLines(ProgressBar):
@@ -86,11 +88,13 @@ class ProgressLines(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._interval_start = time.monotonic()
         self._interval_step = self._printed_step = trainer.global_step  # a resumed run starts where it stopped
-        total = trainer.estimated_stepping_batches
-        self._total_steps = float(total) if total is not None else math.inf
+        total = trainer.estimated_stepping_batches  # -1 or inf when unknown (an iterable dataset without max_steps)
+        self._total_steps = float(total) if total is not None and total > 0 else math.inf
+        self._total_text = str(int(self._total_steps)) if math.isfinite(self._total_steps) else "?"
         self._first_step = trainer.global_step
-        self._print(f"[fit] from step {trainer.global_step} to {_number(self._total_steps)}, a line every "
-                    f"{self.every_n_steps} steps")  # fmt: skip
+        self._print(
+            f"[fit] from step {trainer.global_step} to {self._total_text}, a line every {self.every_n_steps} steps"
+        )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -110,7 +114,7 @@ class ProgressLines(ProgressBar):
         samples = f", {rate * self._samples_per_step:.1f} samples/s" if self._samples_per_step else ""
         eta = (self._total_steps - step) / mean_rate if mean_rate > 0 else math.inf
         self._print(
-            f"[fit] step {step}/{_number(self._total_steps)} epoch {trainer.current_epoch}"
+            f"[fit] step {step}/{self._total_text} epoch {trainer.current_epoch}"
             f"{self._metrics(trainer, pl_module)} | {rate:.2f} steps/s{samples} | "
             f"elapsed {format_duration(now - self._start)} ETA {format_duration(eta)}"
         )
@@ -132,7 +136,8 @@ class ProgressLines(ProgressBar):
         elapsed = time.monotonic() - self._eval_start
         rate = done / max(elapsed, 1e-9)
         eta = (float(total) - done) / rate if isinstance(total, (int, float)) and math.isfinite(total) else math.inf
-        self._print(f"[{stage}] batch {done}/{_number(total)} | {rate:.2f} batches/s | "
+        shown = str(int(total)) if isinstance(total, (int, float)) and math.isfinite(total) else "?"
+        self._print(f"[{stage}] batch {done}/{shown} | {rate:.2f} batches/s | "
                     f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}")  # fmt: skip
 
     def _eval_end_line(self, stage: str, count: int, trainer: L.Trainer, prefix: str | None) -> None:

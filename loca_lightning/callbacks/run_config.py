@@ -47,7 +47,9 @@ class SaveRunConfig(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        folder = run_folder(trainer) if self.save_to_log_dir else None
+        # Without a logger only training has a folder of its own (its checkpoints); test/predict would create one.
+        own_folder = self.save_to_log_dir and (trainer.loggers or stage == "fit")
+        folder = run_folder(trainer) if own_folder else None
         if trainer.is_global_zero:
             if folder is not None:
                 path = self.write(folder)
