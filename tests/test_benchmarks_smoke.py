@@ -56,6 +56,7 @@ def test_train_step_updates_student_and_teacher():
     assert any(not torch.equal(a, b) for a, b in zip(teacher, module.teacher.parameters()))
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_parts_at_tiny_sizes(tmp_path):
     results = {
         "data": pipeline.bench_data(

@@ -36,6 +36,7 @@ def test_print_config_shows_the_released_recipe(capsys):
     assert config["trainer"]["devices"] * data["init_args"]["batch_size"] == 1024
 
 
+@pytest.mark.slow
 def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
     main([
         "fit", "--config", str(CONFIGS / "demo" / "pretrain.yaml"),

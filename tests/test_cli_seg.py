@@ -164,6 +164,7 @@ def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Pat
     assert (out / f"{VAL_STEMS[-1]}.png").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_demo_config_fit_then_predict(tmp_path: Path) -> None:
     """The demo's documented predict command, on a checkpoint of a 2-step demo run."""

@@ -34,6 +34,7 @@ def _quick_pretrain_config(folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_demo_pipeline_smoke(tmp_path, capsys):
     config_dir = _quick_pretrain_config(tmp_path / "configs")

@@ -222,6 +222,7 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_persistent_workers_follow_the_trainer_epoch():
     dm = datamodule(
         source="synthetic", synthetic_length=4, synthetic_image_size=40, num_workers=2, persistent_workers=True

@@ -3,6 +3,7 @@ trained on in that epoch only, and augmentations do not depend on which worker d
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -65,6 +66,7 @@ def test_train_position_moves_to_the_next_epoch_after_its_last_batch() -> None:
     assert train_position(1, 4, 4) == {"epoch": 2, "batches": 0}
 
 
+@pytest.mark.slow
 def test_datamodule_position_reaches_the_next_training_loader_once() -> None:
     from loca_lightning.data.pretrain import LOCAPretrainDataModule
 

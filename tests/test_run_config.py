@@ -19,6 +19,7 @@ TINY = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--data.init_args.views.num_focal=1"]
 
 
+@pytest.mark.slow
 def test_users_config_in_the_working_folder_survives_runs_without_a_logger(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["loca"])
