@@ -397,6 +397,14 @@ def test_pretraining_starts_from_the_import(imported, tmp_path):
     moved = module.student.backbone.state_dict()["blocks.0.attn.qkv.weight"]
     assert not torch.equal(moved, saved["student.backbone.blocks.0.attn.qkv.weight"])
     assert isinstance(module.student.location_head.mlp.act, GELUTanh)
+    # the run's checkpoint holds the weights: it loads without the file it started from
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    path.rename(tmp_path / "moved.ckpt")
+    try:
+        again = LOCAPretrainModule.load_from_checkpoint(tmp_path / "run.ckpt", weights_only=True)
+    finally:
+        (tmp_path / "moved.ckpt").rename(path)
+    assert torch.equal(again.student.backbone.state_dict()["blocks.0.attn.qkv.weight"], moved)
     # the activation and the sizes must be the checkpoint's: each mismatch is an error naming the file
     plain = {**kwargs, "backbone_kwargs": {k: v for k, v in kwargs["backbone_kwargs"].items() if k != "act_layer"}}
     with pytest.raises(ValueError, match=r"loca_pretrain.ckpt' was trained with act_layer 'gelu_tanh' but "

@@ -276,8 +276,12 @@ class LOCAPretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store every random stream the next steps draw from (exact resume)."""
+        """Store every random stream the next steps draw from (exact resume). The checkpoint holds the weights: it
+        names ``init_weights`` only as the run's source, so that loading it never needs (nor re-reads) that file."""
         checkpoint[RNG_KEY] = capture_rng_state({"mask": self.mask_generator.state()})
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams.get("init_weights"):
+            checkpoint["init_weights_source"], hparams["init_weights"] = hparams["init_weights"], None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random state; warn about changed hyperparameters; refuse another MLP activation."""
@@ -286,6 +290,10 @@ class LOCAPretrainModule(L.LightningModule):
         if migrate_checkpoint(checkpoint, self.student, self.hparams.weight_decay):
             log.warning("checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
                         "now weight-decayed as in the release")  # fmt: skip
-        warn_hparam_changes(checkpoint, dict(self.hparams), "LOCA pretraining")
+        saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(self.hparams)
+        saved["init_weights"] = checkpoint.get("init_weights_source", saved.get("init_weights"))
+        if current.get("init_weights") is None:  # load_from_checkpoint: the weights are the checkpoint's own
+            saved.pop("init_weights"), current.pop("init_weights", None)
+        warn_hparam_changes({"hyper_parameters": saved}, current, "LOCA pretraining")
         if RNG_KEY in checkpoint:
             self.mask_generator.load_state(restore_rng_state(checkpoint[RNG_KEY]).get("mask"))
