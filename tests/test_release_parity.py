@@ -203,15 +203,15 @@ def test_one_step_equals_the_release(objective: str, drop_path: str, inputs: dic
     _close(logits[:, :kept], run["step/query0_loc_logits"], "large-query location logits")
     focal_logits = logits[:, kept:].reshape(batch * num_focal, -1, d)
     _close(focal_logits[release_focal_rows], run["step/focal_loc_logits"], "focal location logits")
-    assert abs(float(out["loss_location"]) - float(run["loss/location"])) <= 1e-5
+    assert abs(float(out["loss_location"].detach()) - float(run["loss/location"])) <= 1e-5
     if objective == "full":
         proj = hooks["student_proj"]  # [B, 6 + F*9, K]
         k = proj.shape[-1]
         _close(proj[:, :kept].reshape(-1, k), run["step/query0_proj_logits"], "large-query prototype logits")
         focal_proj = proj[:, kept:].reshape(batch * num_focal, -1, k)[release_focal_rows].reshape(-1, k)
         _close(focal_proj, run["step/focal_proj_logits"], "focal prototype logits")
-        assert abs(float(out["loss_cluster"]) - float(run["loss/clustering"])) <= 1e-5
-        assert abs(float(out["loss_me_max"]) - float(run["loss/memax"])) <= 1e-5
+        assert abs(float(out["loss_cluster"].detach()) - float(run["loss/clustering"])) <= 1e-5
+        assert abs(float(out["loss_me_max"].detach()) - float(run["loss/memax"])) <= 1e-5
     assert abs(float(loss) - float(run["loss/total"])) <= 1e-5
 
     # ---- backward: every parameter's gradient, the global norm, clipping

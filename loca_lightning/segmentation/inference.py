@@ -257,18 +257,6 @@ def _view_scores(
         if win_h != win_w:
             raise ValueError(f"upsampling to the window (test-scale protocol) needs a square window, got {window!r}")
         image = resize_image(image, window_cover_size(image.shape[-2], image.shape[-1], win_h))
-    return _run_mode(model, image, mode, window, stride, num_classes, batch_size)
-
-
-def _run_mode(
-    model: Model,
-    image: Tensor,
-    mode: str,
-    window: int | Sequence[int] | None,
-    stride: int | Sequence[int] | None,
-    num_classes: int,
-    batch_size: int,
-) -> Tensor:
     if mode == "whole":
         logits = whole_inference(model, image)
         _check_logits(logits, image.shape[0], num_classes, tuple(image.shape[-2:]))
