@@ -71,3 +71,25 @@ def warn_hparam_changes(checkpoint: Mapping[str, Any], current: Mapping[str, Any
         message = f"loading a {what} checkpoint trained with other hyperparameters: {lines}"
         warnings.warn(message, UserWarning, stacklevel=2)
     return diff
+
+
+def detach_weights_source(checkpoint: dict[str, Any], key: str) -> None:
+    """Move the hyperparameter ``key`` (the file a run's weights started from) to ``checkpoint[key + "_source"]``.
+
+    The checkpoint holds the weights: restoring it (``load_from_checkpoint``, ``--ckpt_path``) must neither need nor
+    re-read that file, which may be gone. Its path is kept for the record.
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and hparams.get(key):
+        checkpoint[f"{key}_source"], hparams[key] = hparams[key], None
+
+
+def warn_loaded_hparam_changes(checkpoint: Mapping[str, Any], current: Mapping[str, Any], key: str, what: str) -> None:
+    """:func:`warn_hparam_changes` for a checkpoint saved with :func:`detach_weights_source` (``key`` compared as it
+    was, and not at all when ``current[key]`` is None: the weights are then the checkpoint's own)."""
+    saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(current)
+    if checkpoint.get(f"{key}_source"):
+        saved[key] = checkpoint[f"{key}_source"]
+    if current.get(key) is None:
+        saved.pop(key, None), current.pop(key, None)
+    warn_hparam_changes({"hyper_parameters": saved}, current, what)

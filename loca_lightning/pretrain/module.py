@@ -18,7 +18,7 @@ from torch import Tensor
 
 from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.checkpoints import check_activation, load_module_weights
-from loca_lightning.checkpointing import warn_hparam_changes
+from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
 from loca_lightning.nonfinite import NonFiniteGuard
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import ema_momentum, ema_update, param_groups, warmup_cosine_optimization
@@ -279,9 +279,7 @@ class LOCAPretrainModule(L.LightningModule):
         """Store every random stream the next steps draw from (exact resume). The checkpoint holds the weights: it
         names ``init_weights`` only as the run's source, so that loading it never needs (nor re-reads) that file."""
         checkpoint[RNG_KEY] = capture_rng_state({"mask": self.mask_generator.state()})
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and hparams.get("init_weights"):
-            checkpoint["init_weights_source"], hparams["init_weights"] = hparams["init_weights"], None
+        detach_weights_source(checkpoint, "init_weights")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random state; warn about changed hyperparameters; refuse another MLP activation."""
@@ -290,10 +288,6 @@ class LOCAPretrainModule(L.LightningModule):
         if migrate_checkpoint(checkpoint, self.student, self.hparams.weight_decay):
             log.warning("checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
                         "now weight-decayed as in the release")  # fmt: skip
-        saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(self.hparams)
-        saved["init_weights"] = checkpoint.get("init_weights_source", saved.get("init_weights"))
-        if current.get("init_weights") is None:  # load_from_checkpoint: the weights are the checkpoint's own
-            saved.pop("init_weights"), current.pop("init_weights", None)
-        warn_hparam_changes({"hyper_parameters": saved}, current, "LOCA pretraining")
+        warn_loaded_hparam_changes(checkpoint, self.hparams, "init_weights", "LOCA pretraining")
         if RNG_KEY in checkpoint:
             self.mask_generator.load_state(restore_rng_state(checkpoint[RNG_KEY]).get("mask"))

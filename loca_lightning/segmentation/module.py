@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from loca_lightning.backbones import build_backbone, load_backbone_weights
 from loca_lightning.backbones.checkpoints import check_activation, load_weights_file
 from loca_lightning.backbones.vit import release_init_vit_
-from loca_lightning.checkpointing import warn_hparam_changes
+from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
 from loca_lightning.data.segmentation import unpadded
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
@@ -231,12 +231,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The checkpoint holds the finetuned weights: restoring it (load_from_checkpoint, `loca test --ckpt_path`)
-        # must neither need nor re-read the pretraining file, which may be gone. Its path is kept for the record.
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and hparams.get("pretrained"):
-            checkpoint["pretrained_source"] = hparams["pretrained"]
-            hparams["pretrained"] = None
+        detach_weights_source(checkpoint, "pretrained")  # the weights are the checkpoint's own
         checkpoint[RNG_KEY] = capture_rng_state()  # drop path draws from the global RNG: exact resume needs it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -244,13 +239,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         one trained with another MLP activation (the weights would load and compute something else)."""
         mine = dict(self.hparams.backbone_kwargs or {}).get("act_layer")
         check_activation(mine, "the checkpoint", checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
-        saved, current = dict(checkpoint.get("hyper_parameters") or {}), dict(self.hparams)
-        if checkpoint.get("pretrained_source"):  # cleared on save (see above): compare with what it was
-            saved["pretrained"] = checkpoint["pretrained_source"]
-        if current.get("pretrained") is None:  # load_from_checkpoint: the weights come from the checkpoint itself
-            saved.pop("pretrained", None)
-            current.pop("pretrained", None)
-        warn_hparam_changes({"hyper_parameters": saved}, current, "segmentation")
+        warn_loaded_hparam_changes(checkpoint, self.hparams, "pretrained", "segmentation")
         if RNG_KEY in checkpoint:
             restore_rng_state(checkpoint[RNG_KEY])
 
