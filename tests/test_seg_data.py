@@ -18,13 +18,9 @@ from loca_lightning.data.classes import (
     label_colormap,
 )
 from loca_lightning.data.images import ImageReadError, read_image
+from loca_lightning.data.seg_datasets import SegmentationDataset, fraction_subset, pad_collate
 from loca_lightning.data.seg_layouts import SegSample, reduce_zero_label
-from loca_lightning.data.segmentation import (
-    SegmentationDataModule,
-    SegmentationDataset,
-    fraction_subset,
-    pad_collate,
-)
+from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.data.synthetic import SYNTHETIC_CLASSES
 from loca_lightning.data.transforms import photometric_distortion, rescale_size, sample_crop_box, train_pipeline
 

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from loca_lightning.backbones import build_backbone, resize_pos_embed
-from loca_lightning.data.segmentation import SegmentationDataModule, pad_collate
+from loca_lightning.data.seg_datasets import pad_collate
+from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.segmentation.metrics import SegmentationMetric
 from loca_lightning.segmentation.module import SegmentationFinetuneModule

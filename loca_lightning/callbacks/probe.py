@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loca_lightning.callbacks.common import check_positive, frozen, module_device
-from loca_lightning.data.segmentation import unpadded
+from loca_lightning.data.seg_datasets import unpadded
 from loca_lightning.rng import OwnRNG
 from loca_lightning.segmentation.metrics import SegmentationMetric
 from loca_lightning.visualize import patch_labels

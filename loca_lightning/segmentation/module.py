@@ -24,7 +24,7 @@ from loca_lightning.backbones import build_backbone, load_backbone_weights
 from loca_lightning.backbones.checkpoints import check_activation, load_weights_file
 from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
-from loca_lightning.data.segmentation import unpadded
+from loca_lightning.data.seg_datasets import unpadded
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
