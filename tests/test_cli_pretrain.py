@@ -1,5 +1,6 @@
 """`loca fit` for pretraining: the released recipe prints as configured, and the demo config trains and checkpoints."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,9 @@ def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
     assert calls == [1]
 
 
-def test_views_take_the_models_geometry_and_a_missing_root_is_one_line(tmp_path, capsys):
+def test_views_take_the_models_geometry_and_a_missing_root_is_one_line(tmp_path, capsys, monkeypatch):
     # the demo config gives reference_size once (model) and the patch through the backbone's name
+    monkeypatch.setattr(sys, "argv", ["loca"])  # as `loca` sees it (pytest's own arguments make LightningCLI warn)
     cli = LOCACLI(args=["--config", str(CONFIGS / "demo" / "pretrain.yaml"), "--trainer.logger=false",
                         "--model.init_args.reference_size=48"], run=False)  # fmt: skip
     views = cli.datamodule.views
