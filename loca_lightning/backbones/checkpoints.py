@@ -91,6 +91,28 @@ def adapt_state_dict(state: Mapping[str, Tensor], backbone: ViT) -> dict[str, Te
     return state
 
 
+def state_dict_differences(own: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """Keys of ``theirs`` (a file's weights) that do not fit ``own`` (a model's): ``missing``, ``unexpected`` and
+    ``mismatched`` (``key: checkpoint shape vs model shape``)."""
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in theirs.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = sorted(k for k in own if k not in theirs)
+    unexpected = sorted(k for k in theirs if k not in own)
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def describe_differences(report: Mapping[str, list[str]], shown: int = 12) -> list[str]:
+    """One ``kind (count): first keys`` entry per non-empty list of :func:`state_dict_differences`."""
+    return [
+        f"{kind} ({len(keys)}): " + ", ".join(keys[:shown]) + (f" ... (+{len(keys) - shown} more)" if len(keys) > shown else "")
+        for kind, keys in report.items()
+        if keys
+    ]
+
+
 def load_backbone_weights(
     backbone: ViT,
     source: str | os.PathLike | Mapping[str, Any],
@@ -106,22 +128,10 @@ def load_backbone_weights(
     checkpoint = load_weights_file(source, trust=trust) if isinstance(source, (str, os.PathLike)) else source
     state = adapt_state_dict(extract_backbone_state_dict(checkpoint, which), backbone)
     own = backbone.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
-    if strict and (missing or unexpected or mismatched):
+    report = state_dict_differences(own, state)
+    if strict and any(report.values()):
         name = source if isinstance(source, (str, os.PathLike)) else "the given state dict"
-        lines = [f"weights from {name} do not match the backbone:"]
-        for kind, keys in report.items():
-            if keys:
-                shown = ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
-                lines.append(f"  {kind} ({len(keys)}): {shown}")
-        raise ValueError("\n".join(lines))
+        raise ValueError("\n  ".join([f"weights from {name} do not match the backbone:", *describe_differences(report)]))
     loadable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     backbone.load_state_dict(loadable, strict=False)
     return report
@@ -209,12 +219,7 @@ def load_module_weights(module: nn.Module, path: str | os.PathLike, act_layer: A
     state = checkpoint.get("state_dict", checkpoint)
     theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
     own = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    mismatched = [f"{k}: {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-                  if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = [f"{name} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
-        raise ValueError(f"weights in {str(path)!r} do not fit this model: " + "; ".join(parts))
+    report = state_dict_differences(own, theirs)
+    if any(report.values()):
+        raise ValueError(f"weights in {str(path)!r} do not fit this model: " + "; ".join(describe_differences(report)))
     module.load_state_dict(theirs, strict=False)  # every key under the prefixes is present and checked above
