@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from loca_lightning.backbones.checkpoints import describe_differences
 from loca_lightning.backbones.registry import VIT_SIZES, list_backbones
 from loca_lightning.release.flax_files import ReleaseFormatError
 
@@ -334,23 +335,18 @@ def convert_tree(flat: Mapping[str, Any], groups: Mapping[str, list[Entry]], tre
                 array = np.array(entry.fn(*arrays), dtype=np.float32, order="C")  # a writable copy
                 out[prefix + entry.key] = torch.from_numpy(array)
     if missing or mismatched:
-        parts = [f"missing leaves ({len(missing)}): {_short(missing)}"] if missing else []
-        parts += [f"mis-shaped leaves ({len(mismatched)}): {_short(mismatched)}"] if mismatched else []
+        parts = describe_differences({"missing leaves": missing, "mis-shaped leaves": mismatched}, shown=8)
         raise ReleaseFormatError(f"{str(path)!r}: {tree_name} does not match a LOCA model with {arch.describe()}: "
                                  + "; ".join(parts))
     return out, used
-
-
-def _short(items: list[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def check_no_extra(flat: Mapping[str, Any], used: set[str], tree_name: str, path: Path) -> None:
     """Every leaf of a params tree must have been used."""
     extra = sorted(set(flat) - used)
     if extra:
-        raise ReleaseFormatError(f"{str(path)!r}: {tree_name} has leaves a LOCA model does not have "
-                                 f"({len(extra)}): {_short(extra)}")
+        (part,) = describe_differences({"has leaves a LOCA model does not have": extra}, shown=8)
+        raise ReleaseFormatError(f"{str(path)!r}: {tree_name} {part}")
 
 
 def check_same_tree(params: Mapping[str, Any], ema: Mapping[str, Any], path: Path) -> None:
@@ -361,6 +357,5 @@ def check_same_tree(params: Mapping[str, Any], ema: Mapping[str, Any], path: Pat
     differ = sorted(f"{k} {shape(ema[k])} vs {shape(params[k])}" for k in set(params) & set(ema)
                     if shape(ema[k]) != shape(params[k]))
     if missing or extra or differ:
-        parts = [f"{name} ({len(items)}): {_short(items)}" for name, items in
-                 (("missing", missing), ("extra", extra), ("shapes differ", differ)) if items]
+        parts = describe_differences({"missing": missing, "extra": extra, "shapes differ": differ}, shown=8)
         raise ReleaseFormatError(f"{str(path)!r}: ema_params is not the tree of params: " + "; ".join(parts))

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from loca_lightning.backbones.checkpoints import load_weights_file
+from loca_lightning.backbones.checkpoints import describe_differences, load_weights_file, state_dict_differences
 from loca_lightning.export import backbone_from_checkpoint, load_instructions, write_timm_files
 from loca_lightning.release.convert import (
     RELEASE_ACTIVATION,
@@ -93,9 +93,10 @@ def release_module_checkpoint(source: str | os.PathLike, allow_custom_size: bool
     for key, value in expected.items():  # not weights of the release (a run's counters): the module's initial values
         if not key.startswith(("student.", "teacher.")):
             state[key] = torch.zeros(value.shape, dtype=value.dtype)
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if wrong:  # the mapping and our module disagree: a bug here, not a bad file
-        raise RuntimeError(f"the converted weights do not fit LOCAPretrainModule({kwargs}): {wrong[:8]}")
+    wrong = state_dict_differences(expected, state)
+    if any(wrong.values()):  # the mapping and our module disagree: a bug here, not a bad file
+        raise RuntimeError(f"the converted weights do not fit LOCAPretrainModule({kwargs}): "
+                           + "; ".join(describe_differences(wrong, shown=8)))
     record = {
         "source": str(path.resolve()),
         "sha256": sha256(path),
