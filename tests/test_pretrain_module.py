@@ -7,10 +7,13 @@ import pytest
 import torch
 from _fake_loca import FakeLOCADataModule
 
+from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.export import export_backbone
 from loca_lightning.optim import ema_momentum
+from loca_lightning.pretrain.evaluation import location_accuracy
 from loca_lightning.pretrain.masks import band_keep_index, random_keep_index, reference_keep_count
 from loca_lightning.pretrain.module import LOCAPretrainModule
+from loca_lightning.pretrain.views import LOCAViews
 
 TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
             projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
@@ -267,3 +270,20 @@ def test_logged_prototype_perplexity_is_that_of_the_student_query_logits():
     expected = mean_assignment_perplexity(model.student.projection(query_tokens), model.hparams.student_temperature)
     torch.testing.assert_close(out["prototype_perplexity"], expected, rtol=1e-6, atol=0)
     assert 1.0 <= out["prototype_perplexity"].item() <= 32.0
+
+
+def test_held_out_location_accuracy_draws_its_own_masks():
+    """The evaluation's token masks come from torch seed 0, whatever state the model's own mask generator is in, and
+    that generator (training's) is left where it was."""
+    model = LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs=dict(img_size=32), reference_size=32,
+                               num_prototypes=32, projection_hidden_dim=64, projection_dim=16)  # fmt: skip
+    views = LOCAViews(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8, photometric=False)
+    scenes = SyntheticScenes(length=16, image_size=48, seed=0, with_masks=False)
+    images = [scenes[i]["image"] for i in range(len(scenes))]
+    results = []
+    for seed in (1, 2):
+        model.mask_generator.get(torch.device("cpu")).manual_seed(seed)  # where training left it
+        before = model.mask_generator.state().clone()
+        results.append(location_accuracy(model, views, images, seed=3))
+        assert torch.equal(model.mask_generator.state(), before)
+    assert results[0] == results[1]
