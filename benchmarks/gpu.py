@@ -257,9 +257,18 @@ def bench_attention(device: torch.device, cfg: dict, repeats: int = 20) -> dict:
         f"focal_{focal}": (b * g["num_focal"], focal, focal, True),
         f"location_head_{queries}x{keys}": (b, queries, keys, True),
     }
-    backends = {"default": None, **{k.name: k for k in (
-        SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
-    )}}  # fmt: skip
+    backends = {
+        "default": None,
+        **{
+            k.name: k
+            for k in (
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH,
+            )
+        },
+    }
     dtype = torch.bfloat16
     out: dict[str, dict] = {}
     for name, (n, nq, nk, grad) in shapes.items():
@@ -289,8 +298,13 @@ def bench_patch_embed(device: torch.device, cfg: dict, repeats: int = 20) -> dic
     """Milliseconds of the patch embedding (bf16 autocast, forward and weight gradient): timm's convolution vs the
     matmul of ``ViT.patch_tokens``, on the step's reference and focal batches."""
     g, p = cfg["geometry"], cfg["patch"]
-    vit = ViT(img_size=g["reference_size"], patch_size=p, embed_dim=cfg["heads"] * cfg["head_dim"], depth=1,
-              num_heads=cfg["heads"]).to(device)  # fmt: skip
+    vit = ViT(
+        img_size=g["reference_size"],
+        patch_size=p,
+        embed_dim=cfg["heads"] * cfg["head_dim"],
+        depth=1,
+        num_heads=cfg["heads"],
+    ).to(device)
     shapes = {
         f"reference_{cfg['batch_size']}x{g['reference_size']}": (cfg["batch_size"], g["reference_size"]),
         f"focal_{cfg['batch_size'] * g['num_focal']}x{g['focal_size']}": (

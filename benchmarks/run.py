@@ -258,8 +258,18 @@ def bench_release(python: str, scenic: str, backbone: str, batch_size: int, step
     if backbone not in RELEASE_VARIANTS:
         raise SystemExit(f"--release-python: no released variant for {backbone}; one of {sorted(RELEASE_VARIANTS)}")
     script = Path(__file__).with_name("jax_release.py")
-    command = [python, str(script), "--scenic", scenic, "--variant", RELEASE_VARIANTS[backbone],
-               "--batch", str(batch_size), "--steps", str(steps)]  # fmt: skip
+    command = [
+        python,
+        str(script),
+        "--scenic",
+        scenic,
+        "--variant",
+        RELEASE_VARIANTS[backbone],
+        "--batch",
+        str(batch_size),
+        "--steps",
+        str(steps),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:

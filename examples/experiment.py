@@ -99,8 +99,16 @@ def run_experiment(
                 name = f"seed{seed}/finetune_{init}_labels{100 * fraction:g}"
                 extra = [f"--model.init_args.backbone={backbone}", *finetune_extra]  # random init: same architecture
                 cli, metrics = finetune(out, seed, name, checkpoint, weights, fraction, extra, config_dir)
-                rows.append({"kind": "finetune", "seed": seed, "init": init, "label_fraction": fraction,
-                             "steps": int(cli.trainer.global_step), **metrics})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": "finetune",
+                        "seed": seed,
+                        "init": init,
+                        "label_fraction": fraction,
+                        "steps": int(cli.trainer.global_step),
+                        **metrics,
+                    }
+                )
                 save()
                 del cli
                 gc.collect()

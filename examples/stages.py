@@ -88,7 +88,9 @@ def finetune(
     return cli, metrics
 
 
-def heldout_location_accuracy(model: LOCAPretrainModule, views: Any, num_images: int = 256, image_size: int = 96) -> float:
+def heldout_location_accuracy(
+    model: LOCAPretrainModule, views: Any, num_images: int = 256, image_size: int = 96
+) -> float:
     """Location accuracy on held-out scenes (same views and masking as training, eval mode, fixed draws)."""
     scenes = SyntheticScenes(length=num_images, image_size=image_size, seed=HELD_OUT_SEED, with_masks=False)
     return location_accuracy(model, views, [scenes[i]["image"] for i in range(num_images)], seed=HELD_OUT_SEED)

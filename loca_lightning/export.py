@@ -100,8 +100,13 @@ def write_timm_files(backbone: ViT, out: str | Path, source: str, which: str) ->
 
 def load_instructions(out: str | Path, call: str) -> str:
     """The lines that load exported weights ``out`` with timm (printed by ``loca export`` and ``loca import-release``)."""
-    return "\n".join(["import timm, torch", f"model = {call}",
-                      f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=True)"])
+    return "\n".join(
+        [
+            "import timm, torch",
+            f"model = {call}",
+            f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=True)",
+        ]
+    )
 
 
 def _describe_keys(checkpoint: Mapping[str, Any]) -> str:

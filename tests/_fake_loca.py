@@ -23,7 +23,9 @@ class FakeLOCADataset(Dataset):
         return {
             "reference": torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g),
             "query_large": torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g),
-            "query_focal": torch.randint(0, 256, (self.num_focal, 3, self.focal, self.focal), dtype=torch.uint8, generator=g),
+            "query_focal": torch.randint(
+                0, 256, (self.num_focal, 3, self.focal, self.focal), dtype=torch.uint8, generator=g
+            ),
             "target_large": torch.randint(-1, cells, (cells,), generator=g),
             "target_focal": torch.randint(-1, cells, (self.num_focal, focal_tokens), generator=g),
         }

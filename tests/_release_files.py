@@ -12,8 +12,16 @@ import numpy as np
 
 
 # ------------------------------------------------------------------------------------------------ params trees
-def random_params(seed: int = 0, patch: int = 16, dim: int = 64, depth: int = 2, heads: int = 2, mlp: int = 256,
-                  grid: int = 4, projection: tuple[int, int, int] | None = (128, 32, 64)) -> dict:
+def random_params(
+    seed: int = 0,
+    patch: int = 16,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 2,
+    mlp: int = 256,
+    grid: int = 4,
+    projection: tuple[int, int, int] | None = (128, 32, 64),
+) -> dict:
     """A params tree of ViT4LOCA with random values everywhere (biases and norms too), float32. The defaults are the
     sizes of the parity model (2 blocks, width 64, 2 heads, patch 16, 4x4 table, projection 64->128->128->32, 64
     prototypes, 16 positions)."""
@@ -33,29 +41,47 @@ def random_params(seed: int = 0, patch: int = 16, dim: int = 64, depth: int = 2,
         return {"scale": arr(dim, scale=0.1, offset=1.0), "bias": arr(dim, scale=0.1)}
 
     def attention() -> dict:
-        qkv = {n: {"kernel": arr(dim, heads, hd, scale=dim**-0.5), "bias": arr(heads, hd, scale=0.1)}
-               for n in ("query", "key", "value")}
+        qkv = {
+            n: {"kernel": arr(dim, heads, hd, scale=dim**-0.5), "bias": arr(heads, hd, scale=0.1)}
+            for n in ("query", "key", "value")
+        }
         return {**qkv, "out": {"kernel": arr(heads, hd, dim, scale=dim**-0.5), "bias": arr(dim, scale=0.1)}}
 
     def mlp_block() -> dict:
         return {"Dense_0": dense(dim, mlp), "Dense_1": dense(mlp, dim)}
 
-    params = {"ToTokenSequence_0": {"embedding": {"kernel": arr(patch, patch, 3, dim, scale=(3 * patch * patch) ** -0.5),
-                                                  "bias": arr(dim, scale=0.1)},
-                                    "posembed_input": arr(1, grid, grid, dim, scale=dim**-0.5)}}
+    params = {
+        "ToTokenSequence_0": {
+            "embedding": {
+                "kernel": arr(patch, patch, 3, dim, scale=(3 * patch * patch) ** -0.5),
+                "bias": arr(dim, scale=0.1),
+            },
+            "posembed_input": arr(1, grid, grid, dim, scale=dim**-0.5),
+        }
+    }
     for i in range(depth):
-        params[f"encoderblock_{i}"] = {"LayerNorm_0": norm(), "MultiHeadDotProductAttention_0": attention(),
-                                       "LayerNorm_1": norm(), "MlpBlock_0": mlp_block()}
+        params[f"encoderblock_{i}"] = {
+            "LayerNorm_0": norm(),
+            "MultiHeadDotProductAttention_0": attention(),
+            "LayerNorm_1": norm(),
+            "MlpBlock_0": mlp_block(),
+        }
     params["encoder_norm"] = norm()
     if projection is not None:
         hidden, bottleneck, prototypes = projection
         params["projection_head_for_clustering_prediction"] = {
-            "Dense_0": dense(dim, hidden), "Dense_1": dense(hidden, hidden), "Dense_2": dense(hidden, bottleneck),
+            "Dense_0": dense(dim, hidden),
+            "Dense_1": dense(hidden, hidden),
+            "Dense_2": dense(hidden, bottleneck),
             "prototypes": {"kernel": arr(bottleneck, prototypes, scale=0.3)},  # columns of any norm
         }
-    params["cross_attention_block"] = {"LayerNorm_0": norm(), "LayerNorm_1": norm(),
-                                       "MultiHeadDotProductAttention_0": attention(), "LayerNorm_2": norm(),
-                                       "MlpBlock_0": mlp_block()}
+    params["cross_attention_block"] = {
+        "LayerNorm_0": norm(),
+        "LayerNorm_1": norm(),
+        "MultiHeadDotProductAttention_0": attention(),
+        "LayerNorm_2": norm(),
+        "MlpBlock_0": mlp_block(),
+    }
     params["final_norm"] = norm()
     params["position_predictor"] = dense(dim, grid * grid)
     return params
@@ -86,8 +112,11 @@ def train_state(params: dict, ema_params: dict | None, step: int = 7, opt_state:
     }
     if opt_state:  # inject_hyperparams(adamw): count, hyperparams, inner state (ScaleByAdamState, masked decay, ...)
         zeros = map_leaves(np.zeros_like, params)
-        state["opt_state"] = {"count": np.int32(step), "hyperparams": {"learning_rate": np.float32(1e-3)},
-                              "inner_state": {"0": {"count": np.int32(step), "mu": zeros, "nu": zeros}, "1": {}}}
+        state["opt_state"] = {
+            "count": np.int32(step),
+            "hyperparams": {"learning_rate": np.float32(1e-3)},
+            "inner_state": {"0": {"count": np.int32(step), "mu": zeros, "nu": zeros}, "1": {}},
+        }
     return state
 
 
@@ -104,8 +133,11 @@ def _encode(tree, chunk_bytes: int | None):
             per_chunk = max(1, chunk_bytes // tree.dtype.itemsize)
             flat = tree.reshape(-1)
             chunks = [flat[i : i + per_chunk] for i in range(0, flat.size, per_chunk)]
-            return {"__msgpack_chunked_array__": True, "shape": {str(i): n for i, n in enumerate(tree.shape)},
-                    "chunks": {str(i): _ext(c) for i, c in enumerate(chunks)}}
+            return {
+                "__msgpack_chunked_array__": True,
+                "shape": {str(i): n for i, n in enumerate(tree.shape)},
+                "chunks": {str(i): _ext(c) for i, c in enumerate(chunks)},
+            }
         return _ext(tree)
     if isinstance(tree, np.generic):
         return _ext(np.asarray(tree), 3)
@@ -185,8 +217,9 @@ def location_logits(params: dict, query: np.ndarray, reference: np.ndarray) -> n
     """CrossAttentionEncoderBlock (queries attend to the reference), final_norm, position_predictor: ``[B, Q, P]``."""
     p = _f64(params)
     block = p["cross_attention_block"]
-    x = query + _mha(_ln(query, block["LayerNorm_0"]), _ln(reference, block["LayerNorm_1"]),
-                     block["MultiHeadDotProductAttention_0"])
+    x = query + _mha(
+        _ln(query, block["LayerNorm_0"]), _ln(reference, block["LayerNorm_1"]), block["MultiHeadDotProductAttention_0"]
+    )
     x = x + _mlp(_ln(x, block["LayerNorm_2"]), block["MlpBlock_0"])
     return _dense(_ln(x, p["final_norm"]), p["position_predictor"])
 

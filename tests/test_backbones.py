@@ -25,8 +25,16 @@ def _seed():
 
 def test_registry_names_and_errors():
     names = list_backbones()
-    for name in ["vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch16",
-                 "vit_small_patch8", "vit_base_patch8", "vit_test_patch16"]:
+    for name in [
+        "vit_tiny_patch16",
+        "vit_small_patch16",
+        "vit_base_patch16",
+        "vit_large_patch16",
+        "vit_huge_patch16",
+        "vit_small_patch8",
+        "vit_base_patch8",
+        "vit_test_patch16",
+    ]:
         assert name in names
     with pytest.raises(ValueError, match="unknown backbone 'vit_nope'.*vit_base_patch16"):
         build_backbone("vit_nope")
@@ -170,7 +178,9 @@ def test_weights_only_refuses_code(tmp_path, capsys):
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "obj": Evil()}, path)
-    with pytest.raises(CheckpointFileError, match=r"not a checkpoint: it is a pickle of Python objects \(builtins.print\)"):
+    with pytest.raises(
+        CheckpointFileError, match=r"not a checkpoint: it is a pickle of Python objects \(builtins.print\)"
+    ):
         load_backbone_weights(build_backbone("vit_test_patch16"), path)
     torch.save({"state_dict": {"pos_embed": torch.zeros(1)}, "obj": Evil()}, path)
     with pytest.raises(UntrustedCheckpointError, match=r"weights file .*builtins.print.*can run code.*trust=True"):

@@ -44,9 +44,15 @@ def _formats(root: Path) -> dict[str, tuple[int, int, int]]:
     palette.save(root / "palette.png")
     Image.new("CMYK", (w, h), (0, 0, 0, 0)).save(root / "cmyk.jpg", quality=100)  # no ink: white
     Image.fromarray(np.full((h, w, 3), [5, 6, 7], np.uint8)).save(root / "plain.tif")
-    return {"gray.png": (77, 77, 77), "deep16.png": (0x30, 0x20, 0x10), "gray16.png": (0xAB, 0xAB, 0xAB),
-            "rgba.png": (10, 20, 30), "palette.png": (200, 100, 50), "cmyk.jpg": (255, 255, 255),
-            "plain.tif": (5, 6, 7)}
+    return {
+        "gray.png": (77, 77, 77),
+        "deep16.png": (0x30, 0x20, 0x10),
+        "gray16.png": (0xAB, 0xAB, 0xAB),
+        "rgba.png": (10, 20, 30),
+        "palette.png": (200, 100, 50),
+        "cmyk.jpg": (255, 255, 255),
+        "plain.tif": (5, 6, 7),
+    }
 
 
 def test_unusual_formats_decode_to_rgb_uint8_with_their_colours(tmp_path: Path) -> None:
@@ -61,8 +67,9 @@ def test_pretraining_folder_with_unusual_and_unreadable_files_never_crashes(tmp_
     expected = _formats(root)
     (root / "dangling.png").symlink_to(tmp_path / "gone.png")  # listed, but the read fails
     (root / "folder.jpg").mkdir()  # a directory with an image name is not listed
-    dm = LOCAPretrainDataModule(source="folder", root=str(root), views=LOCAViews(**VIEWS), batch_size=2, num_workers=0,
-                                pin_memory=False)
+    dm = LOCAPretrainDataModule(
+        source="folder", root=str(root), views=LOCAViews(**VIEWS), batch_size=2, num_workers=0, pin_memory=False
+    )
     dm.setup("fit")
     names = [Path(p).name for p in dm.dataset.source]
     assert sorted(names) == sorted([*expected, "dangling.png"])
@@ -77,10 +84,17 @@ def test_pretraining_folder_with_unusual_and_unreadable_files_never_crashes(tmp_
 
 
 def test_pretraining_batch_of_the_wrong_size_names_the_keys_to_change() -> None:
-    model = LOCAPretrainModule(backbone="vit_test_patch16", reference_size=32, num_prototypes=16,
-                               projection_hidden_dim=32, projection_dim=8)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=1)
+    model = LOCAPretrainModule(
+        backbone="vit_test_patch16", reference_size=32, num_prototypes=16, projection_hidden_dim=32, projection_dim=8
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=1,
+    )
     with pytest.raises(ValueError, match="64px references but model.reference_size is 32.*data.views.reference_size"):
         trainer.fit(model, FakeLOCADataModule(size=64))
 
@@ -94,11 +108,18 @@ class _OutOfRangeTargets(FakeLOCADataModule):
 
 def test_pretraining_targets_out_of_range_name_the_key_on_the_first_batch() -> None:
     # Ranges are checked once, on the first batch (the losses skip their per-step check, a host sync).
-    model = LOCAPretrainModule(backbone="vit_test_patch16", reference_size=32, num_prototypes=16,
-                               projection_hidden_dim=32, projection_dim=8)
+    model = LOCAPretrainModule(
+        backbone="vit_test_patch16", reference_size=32, num_prototypes=16, projection_hidden_dim=32, projection_dim=8
+    )
     assert model.check_target_ranges is False
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=1,
+    )
     with pytest.raises(ValueError, match=r"batch\['target_focal'\] holds values outside -1.*\[0, 3\].*max 99"):
         trainer.fit(model, _OutOfRangeTargets(size=32, focal=16))
 
@@ -156,8 +177,14 @@ def test_pretraining_checkpoint_of_another_architecture_names_the_keys(tmp_path:
     small = dict(reference_size=32, num_prototypes=16, projection_hidden_dim=32, projection_dim=8)
     model = LOCAPretrainModule(backbone="vit_test_patch16", **small)
     path = tmp_path / "test.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     # (load_from_checkpoint writes the overrides into the checkpoint's hyperparameters before the module sees
     # them, so the "other hyperparameters" warning is for resumes: tests/test_resume.py)
     with pytest.raises(RuntimeError, match=r"size mismatch for student\.backbone\.patch_embed\.proj\.weight"):

@@ -92,12 +92,31 @@ def test_cpu_benchmark_parts_at_tiny_sizes(tmp_path):
 
 
 def test_release_rows_give_the_ratio_to_our_step_of_the_same_model_and_batch():
-    ours = {"backbone": "vit_small_patch16", "batch_size": 8, "precision": "bf16-mixed", "keep_memory": True,
-            "threads": 2, "images_per_s": 3.2, "step_s": 2.5, "gflop_per_image": 82.7, "achieved_gflop_per_s": 265.0,
-            "matmul_gflop_per_s": 400.0, "mfu": 0.66, "mfu_cpu_time": 0.66, "outside_backbone_share": 0.28,
-            "peak_rss_mb": 3000.0, "others_cores": 0.0}  # fmt: skip
-    release = {"variant": "S/16", "batch": 8, "precision": "float32", "cpu_count": 2, "images_per_second": 1.6,
-               "seconds_per_step_median": 5.0}  # fmt: skip
+    ours = {
+        "backbone": "vit_small_patch16",
+        "batch_size": 8,
+        "precision": "bf16-mixed",
+        "keep_memory": True,
+        "threads": 2,
+        "images_per_s": 3.2,
+        "step_s": 2.5,
+        "gflop_per_image": 82.7,
+        "achieved_gflop_per_s": 265.0,
+        "matmul_gflop_per_s": 400.0,
+        "mfu": 0.66,
+        "mfu_cpu_time": 0.66,
+        "outside_backbone_share": 0.28,
+        "peak_rss_mb": 3000.0,
+        "others_cores": 0.0,
+    }
+    release = {
+        "variant": "S/16",
+        "batch": 8,
+        "precision": "float32",
+        "cpu_count": 2,
+        "images_per_second": 1.6,
+        "seconds_per_step_median": 5.0,
+    }
     table = run.format_table({"step": [ours, {**ours, "batch_size": 16}], "release": [release]})
     rows = [row for row in table.splitlines() if row.startswith("| step, JAX release")]
     assert len(rows) == 1 and "1.60 images/s" in rows[0] and "2.00x" in rows[0]  # batch 16 has no release row
@@ -145,8 +164,14 @@ def test_compiled_step_row(monkeypatch):
         "vit_test_patch16", batch_size=2, warmup=1, repeats=1, geometry=GEOMETRY, matmul_n=64, compile="all", **HEADS
     )
     assert step["compile"] == "all" and step["warmup_s"] > 0 and step["images_per_s"] > 0
-    release = {"variant": "Ti/16", "batch": 2, "precision": "float32", "cpu_count": 2, "images_per_second": 1.0,
-               "seconds_per_step_median": 2.0}  # fmt: skip
+    release = {
+        "variant": "Ti/16",
+        "batch": 2,
+        "precision": "float32",
+        "cpu_count": 2,
+        "images_per_second": 1.0,
+        "seconds_per_step_median": 2.0,
+    }
     table = run.format_table(
         {"step": [{**step, "backbone": "vit_tiny_patch16", "peak_rss_mb": 1.0}], "release": [release]}
     )

@@ -22,22 +22,48 @@ from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 from loca_lightning.visualize import blend, colorize, patch_labels, to_uint8_image
 
-TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
-            projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
+TINY = dict(
+    backbone="vit_test_patch16",
+    reference_size=64,
+    num_prototypes=32,
+    projection_hidden_dim=64,
+    projection_dim=16,
+    drop_path_rate=0.0,
+    warmup_epochs=1,
+)
 
 
 def _probe_data() -> SegmentationDataModule:
-    return SegmentationDataModule(layout="synthetic", synthetic_image_size=32, synthetic_length=16,
-                                  synthetic_val_length=4, crop_size=32, base_size=(32, 32), batch_size=4,
-                                  eval_batch_size=2, num_workers=0, persistent_workers=False, pin_memory=False)
+    return SegmentationDataModule(
+        layout="synthetic",
+        synthetic_image_size=32,
+        synthetic_length=16,
+        synthetic_val_length=4,
+        crop_size=32,
+        base_size=(32, 32),
+        batch_size=4,
+        eval_batch_size=2,
+        num_workers=0,
+        persistent_workers=False,
+        pin_memory=False,
+    )
 
 
 def _pretrain(tmp_path: Path, callbacks: list, logger=False, log_every_n_steps: int = 1) -> LOCAPretrainModule:
     L.seed_everything(0)
     model = LOCAPretrainModule(**TINY)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, callbacks=callbacks, deterministic=True,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, log_every_n_steps=log_every_n_steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        callbacks=callbacks,
+        deterministic=True,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=log_every_n_steps,
+    )
     trainer.fit(model, datamodule=FakeLOCADataModule(batch_size=4, length=16, size=64, focal=32, num_focal=2))
     return model
 
@@ -59,8 +85,14 @@ def test_probe_and_image_logger_leave_pretraining_unchanged(tmp_path):
     assert images.logged_steps == [2, 4]
     events = EventAccumulator(str(Path(logger.log_dir)), size_guidance={"images": 0}).Reload()
     tags = set(events.Tags()["images"])
-    assert {"loca/reference_band", "loca/query_positions", "loca/pca_teacher", "loca/pca_student",
-            "loca/attention_teacher", "loca/attention_student"} <= tags
+    assert {
+        "loca/reference_band",
+        "loca/query_positions",
+        "loca/pca_teacher",
+        "loca/pca_student",
+        "loca/attention_teacher",
+        "loca/attention_student",
+    } <= tags
     assert [e.step for e in events.Images("loca/pca_teacher")] == [2, 4]
     assert "probe/mIoU" in events.Tags()["scalars"]
 
@@ -143,8 +175,9 @@ def test_image_logger_renders_and_restores_modes():
 
 def test_segmentation_logger_overlays_with_palette_and_skips_other_loggers(tmp_path):
     torch.manual_seed(0)
-    model = SegmentationFinetuneModule(num_classes=9, backbone="vit_test_patch16", image_size=32, window=32,
-                                       stride=32, drop_path_rate=0.0)
+    model = SegmentationFinetuneModule(
+        num_classes=9, backbone="vit_test_patch16", image_size=32, window=32, stride=32, drop_path_rate=0.0
+    )
     data = _probe_data()
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -157,9 +190,15 @@ def test_segmentation_logger_overlays_with_palette_and_skips_other_loggers(tmp_p
     assert np.array_equal(out[34:, :32], image) and np.array_equal(out[34:, 34:66], truth)
     assert model.training
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path), enable_progress_bar=False,
-                        enable_checkpointing=False, callbacks=[SegmentationImageLogger(every_n_steps=1)],
-                        log_every_n_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[SegmentationImageLogger(every_n_steps=1)],
+        log_every_n_steps=1,
+    )
     trainer.fit(model, datamodule=data)
     assert trainer.callbacks[0].logged_steps == []  # no TensorBoard logger: nothing drawn, no error
 
@@ -169,12 +208,19 @@ def test_callbacks_from_a_lightning_cli_config(tmp_path, monkeypatch):
     config = {
         "model": {"class_path": "loca_lightning.LOCAPretrainModule", "init_args": TINY},
         "data": {"class_path": "_fake_loca.FakeLOCADataModule"},
-        "trainer": {"callbacks": [
-            {"class_path": "loca_lightning.callbacks.LOCAImageLogger", "init_args": {"every_n_steps": 100}},
-            {"class_path": "loca_lightning.callbacks.OnlineDenseProbe", "init_args": {
-                "every_n_steps": 50,
-                "data": {"layout": "synthetic", "crop_size": 32, "synthetic_image_size": 48}}},
-        ], "logger": False},
+        "trainer": {
+            "callbacks": [
+                {"class_path": "loca_lightning.callbacks.LOCAImageLogger", "init_args": {"every_n_steps": 100}},
+                {
+                    "class_path": "loca_lightning.callbacks.OnlineDenseProbe",
+                    "init_args": {
+                        "every_n_steps": 50,
+                        "data": {"layout": "synthetic", "crop_size": 32, "synthetic_image_size": 48},
+                    },
+                },
+            ],
+            "logger": False,
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -34,11 +34,26 @@ def test_old_checkpoint_loads_weights_only_with_every_tensor():
 
 @pytest.mark.slow
 def test_old_checkpoint_resumes_training(tmp_path):
-    model = LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32}, reference_size=32,
-                               num_prototypes=16, projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1,
-                               warmup_epochs=1, query_keep=6)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    model = LOCAPretrainModule(
+        backbone="vit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        reference_size=32,
+        num_prototypes=16,
+        projection_hidden_dim=32,
+        projection_dim=8,
+        drop_path_rate=0.1,
+        warmup_epochs=1,
+        query_keep=6,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     data = FakeLOCADataModule(batch_size=2, length=4, size=32, focal=16, num_focal=1, patch=8)
     trainer.fit(model, data, ckpt_path=OLD)
     assert trainer.global_step == 3

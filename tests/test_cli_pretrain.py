@@ -55,8 +55,11 @@ def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
     backbone = build_backbone("vit_pico_patch8", img_size=64)
     report = load_backbone_weights(backbone, str(checkpoints[0]), which="teacher")
     assert report == {"missing": [], "unexpected": [], "mismatched": []}
-    teacher = {k[len("teacher.backbone."):]: v for k, v in checkpoint["state_dict"].items()
-               if k.startswith("teacher.backbone.")}
+    teacher = {
+        k[len("teacher.backbone.") :]: v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("teacher.backbone.")
+    }
     torch.testing.assert_close(backbone.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
     events = list(tmp_path.glob("pretrain/version_*/events.out.tfevents.*"))
     assert events, "TensorBoard logs missing"
@@ -80,8 +83,15 @@ def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
 def test_views_take_the_models_geometry_and_a_missing_root_is_one_line(tmp_path, capsys, monkeypatch):
     # the demo config gives reference_size once (model) and the patch through the backbone's name
     monkeypatch.setattr(sys, "argv", ["loca"])  # as `loca` sees it (pytest's own arguments make LightningCLI warn)
-    cli = LOCACLI(args=["--config", str(CONFIGS / "demo" / "pretrain.yaml"), "--trainer.logger=false",
-                        "--model.init_args.reference_size=48"], run=False)  # fmt: skip
+    cli = LOCACLI(
+        args=[
+            "--config",
+            str(CONFIGS / "demo" / "pretrain.yaml"),
+            "--trainer.logger=false",
+            "--model.init_args.reference_size=48",
+        ],
+        run=False,
+    )
     views = cli.datamodule.views
     assert (views.reference_size, views.patch_size) == (48, 8) == (cli.model.hparams.reference_size, 8)
     with pytest.raises(SystemExit) as exit_info:

@@ -124,8 +124,16 @@ def read_indexed(path: Path) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # predict's checkpoint callback is not the fit's
 def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Path, tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "ckpt"
-    fit_extra = ("--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--checkpoint.dirpath", str(ckpt_dir),
-                 "--trainer.logger", "false")  # fmt: skip
+    fit_extra = (
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--checkpoint.dirpath",
+        str(ckpt_dir),
+        "--trainer.logger",
+        "false",
+    )
     main(["fit", *ade_args(ade_root, *fit_extra)])
     last = ckpt_dir / "last.ckpt"
     assert last.is_file() and len(list(ckpt_dir.glob("best-step2-miou*.ckpt"))) == 1
@@ -134,8 +142,23 @@ def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Pat
     out = tmp_path / "predict"
 
     def predict(*extra: str) -> None:
-        main(["predict", *ade_args(ade_root, "--trainer.logger", "false", "--ckpt_path", str(last),
-              "--data.init_args.predict_paths", str(images), "--prediction_writer.output_dir", str(out), *extra)])  # fmt: skip
+        main(
+            [
+                "predict",
+                *ade_args(
+                    ade_root,
+                    "--trainer.logger",
+                    "false",
+                    "--ckpt_path",
+                    str(last),
+                    "--data.init_args.predict_paths",
+                    str(images),
+                    "--prediction_writer.output_dir",
+                    str(out),
+                    *extra,
+                ),
+            ]
+        )
 
     predict()
     ade_palette = dataset_classes("ade20k")[1]
@@ -169,10 +192,28 @@ def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Pat
 def test_demo_config_fit_then_predict(tmp_path: Path) -> None:
     """The demo's documented predict command, on a checkpoint of a 2-step demo run."""
     demo = ["--config", str(CONFIGS / "demo" / "seg.yaml")]
-    main(["fit", *demo, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-          "--data.init_args.synthetic_length", "32", "--data.init_args.synthetic_val_length", "2",
-          "--data.init_args.num_workers", "0", "--data.init_args.persistent_workers", "false",
-          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    main(
+        [
+            "fit",
+            *demo,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--data.init_args.synthetic_length",
+            "32",
+            "--data.init_args.synthetic_val_length",
+            "2",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.persistent_workers",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     checkpoints = sorted(Path("runs/demo/seg").glob("version_*/checkpoints/last.ckpt"))
     assert len(checkpoints) == 1
     folder = tmp_path / "images"
@@ -180,9 +221,22 @@ def test_demo_config_fit_then_predict(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     for name, (height, width) in {"wide": (40, 90), "small": (20, 30)}.items():
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-    main(["predict", *demo, "--ckpt_path", str(checkpoints[0]), "--data.predict_paths", str(folder),
-          "--prediction_writer.output_dir", "masks", "--data.init_args.num_workers", "0",
-          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    main(
+        [
+            "predict",
+            *demo,
+            "--ckpt_path",
+            str(checkpoints[0]),
+            "--data.predict_paths",
+            str(folder),
+            "--prediction_writer.output_dir",
+            "masks",
+            "--data.init_args.num_workers",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     for name, size in {"wide": (90, 40), "small": (30, 20)}.items():
         values, palette = read_indexed(Path("masks") / f"{name}.png")
         assert values.shape == size[::-1] and values.max() < 9
@@ -255,8 +309,10 @@ def demo_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "demo.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # as `loca fit` saves it: LightningCLI reads the class path
-    checkpoint["hyper_parameters"].update(_class_path="loca_lightning.SegmentationFinetuneModule",
-                                          _instantiator="lightning.pytorch.cli.instantiate_module")
+    checkpoint["hyper_parameters"].update(
+        _class_path="loca_lightning.SegmentationFinetuneModule",
+        _instantiator="lightning.pytorch.cli.instantiate_module",
+    )
     torch.save(checkpoint, path)
     return path
 
@@ -276,10 +332,27 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
 ) -> None:
     names = _folder_with_one_corrupt_png(tmp_path / "images")
     out = tmp_path / "masks"
-    args = ["predict", "--config", str(CONFIGS / "demo" / "seg.yaml"), "--ckpt_path", str(demo_checkpoint),
-            "--data.init_args.predict_paths", str(tmp_path / "images"), "--prediction_writer.output_dir", str(out),
-            "--data.init_args.num_workers", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="loca_lightning.callbacks.prediction"), pytest.raises(SystemExit) as info:
+    args = [
+        "predict",
+        "--config",
+        str(CONFIGS / "demo" / "seg.yaml"),
+        "--ckpt_path",
+        str(demo_checkpoint),
+        "--data.init_args.predict_paths",
+        str(tmp_path / "images"),
+        "--prediction_writer.output_dir",
+        str(out),
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    with (
+        caplog.at_level(logging.WARNING, logger="loca_lightning.callbacks.prediction"),
+        pytest.raises(SystemExit) as info,
+    ):
         main(args)
     assert info.value.code == 3  # non-zero: not every image was segmented
     assert sorted(p.stem for p in out.iterdir()) == [n for n in names if n != "img07"]  # all 19 others
@@ -290,5 +363,12 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
 
     # On request the job stops at the first unreadable image instead.
     with pytest.raises(ImageReadError, match=r"img07\.png"):
-        main([*args, "--prediction_writer.output_dir", str(tmp_path / "strict"),
-              "--prediction_writer.skip_unreadable", "false"])  # fmt: skip
+        main(
+            [
+                *args,
+                "--prediction_writer.output_dir",
+                str(tmp_path / "strict"),
+                "--prediction_writer.skip_unreadable",
+                "false",
+            ]
+        )

@@ -11,14 +11,26 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from examples import demo, experiment, stages
 
-PRETRAIN = ["--model.init_args.backbone=vit_test_patch8", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_length=8", "--data.init_args.batch_size=4",
-            "--data.init_args.num_workers=0", "--data.init_args.views.num_focal=1"]
-FINETUNE = ["--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_length=8",
-            "--data.init_args.synthetic_val_length=2", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
-
-
+PRETRAIN = [
+    "--model.init_args.backbone=vit_test_patch8",
+    "--trainer.max_epochs=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.synthetic_length=8",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.views.num_focal=1",
+]
+FINETUNE = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.synthetic_length=8",
+    "--data.init_args.synthetic_val_length=2",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+]
 
 
 def _quick_pretrain_config(folder):
@@ -39,8 +51,15 @@ def _quick_pretrain_config(folder):
 def test_demo_pipeline_smoke(tmp_path, capsys):
     config_dir = _quick_pretrain_config(tmp_path / "configs")
     out = tmp_path / "out"
-    results = demo.run_demo(out, seed=0, pretrain_extra=PRETRAIN, finetune_extra=FINETUNE, config_dir=config_dir,
-                            num_figure_images=2, location_images=8)
+    results = demo.run_demo(
+        out,
+        seed=0,
+        pretrain_extra=PRETRAIN,
+        finetune_extra=FINETUNE,
+        config_dir=config_dir,
+        num_figure_images=2,
+        location_images=8,
+    )
     printed = capsys.readouterr().out
     assert "| LOCA |" in printed and "| random init |" in printed and "location accuracy" in printed
 
@@ -60,8 +79,14 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
 
     # What a newcomer sees in TensorBoard for the pretraining: the image logger's pictures and the probe's curve.
     events = EventAccumulator(pre["log_dir"], size_guidance={"images": 0, "scalars": 0}).Reload()
-    assert {"loca/reference_band", "loca/query_positions", "loca/pca_teacher", "loca/pca_student",
-            "loca/attention_teacher", "loca/attention_student"} <= set(events.Tags()["images"])
+    assert {
+        "loca/reference_band",
+        "loca/query_positions",
+        "loca/pca_teacher",
+        "loca/pca_student",
+        "loca/attention_teacher",
+        "loca/attention_student",
+    } <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("loca/pca_teacher")] == [1, 2]
     assert [e.step for e in events.Scalars("probe/mIoU")] == pre["probe_curve"][0] and len(pre["probe_curve"][0]) == 2
     assert 0.0 <= pre["probe_miou"] <= 1.0 and "Online dense probe" in printed
@@ -110,8 +135,21 @@ def test_experiment_command_passes_seeds_overrides_and_variants(monkeypatch):
     monkeypatch.setattr(demo, "run_experiment", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setattr(demo, "tune_malloc", lambda: None)
     monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)
-    demo.main(["--experiment", "--out", "x", "--seeds", "0", "1", "--variants", "loca",
-               "--pretrain", "trainer.max_epochs=200", "model.init_args.final_lr_ratio=1.0"])  # fmt: skip
+    demo.main(
+        [
+            "--experiment",
+            "--out",
+            "x",
+            "--seeds",
+            "0",
+            "1",
+            "--variants",
+            "loca",
+            "--pretrain",
+            "trainer.max_epochs=200",
+            "model.init_args.final_lr_ratio=1.0",
+        ]
+    )
     (out, seeds, pre, fine, config_dir), kwargs = calls[0]
     assert (out, seeds, fine, kwargs) == ("x", [0, 1], [], {"variants": ["loca"]})
     assert pre == ["--trainer.max_epochs=200", "--model.init_args.final_lr_ratio=1.0"]

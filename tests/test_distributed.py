@@ -17,11 +17,22 @@ ROOT = Path(__file__).parent.parent
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
     env.pop("LOCAL_RANK", None)
-    done = subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -101,9 +112,14 @@ def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> N
 
 def test_fsdp_config_prints() -> None:
     # configs/pretrain_fsdp.yaml targets GPUs; on CPU we check that it parses into the intended strategy.
-    done = subprocess.run([sys.executable, "-m", "loca_lightning.cli", "fit", "--config", "configs/pretrain_fsdp.yaml",
-                           "--print_config"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "loca_lightning.cli", "fit", "--config", "configs/pretrain_fsdp.yaml", "--print_config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     printed = done.stdout
     assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in printed
@@ -122,19 +138,46 @@ def test_two_nodes_with_torchrun_train_the_demo_config(tmp_path: Path) -> None:
     # torchelastic environment (ranks, world size) that torchrun sets.
     port = str(_free_port())
     overrides = [
-        "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp", "--trainer.precision=32-true",
-        "--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.logger=false",
+        "--trainer.num_nodes=2",
+        "--trainer.devices=1",
+        "--trainer.strategy=ddp",
+        "--trainer.precision=32-true",
+        "--trainer.max_steps=2",
+        "--trainer.max_epochs=1",
+        "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-        "--data.init_args.synthetic_length=16", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+        "--data.init_args.synthetic_length=16",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
         "--data.init_args.persistent_workers=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
-                          "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-                          "-m", "loca_lightning.cli", "fit", "--config", "configs/demo/pretrain.yaml", *overrides],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={rank}",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "loca_lightning.cli",
+                "fit",
+                "--config",
+                "configs/demo/pretrain.yaml",
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     try:

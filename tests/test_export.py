@@ -15,13 +15,27 @@ from loca_lightning.cli import main
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
-TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
-            projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
+TINY = dict(
+    backbone="vit_test_patch16",
+    reference_size=64,
+    num_prototypes=32,
+    projection_hidden_dim=64,
+    projection_dim=16,
+    drop_path_rate=0.0,
+    warmup_epochs=1,
+)
 
 
 def _trainer(tmp_path) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
 
 
 def _load_exported(out) -> tuple[torch.nn.Module, dict]:
@@ -85,8 +99,9 @@ def test_export_refuses_to_overwrite_without_force(pretrain_ckpt, tmp_path, caps
 
 def test_export_segmentation_checkpoint_keeps_its_grid(tmp_path):
     torch.manual_seed(0)
-    model = SegmentationFinetuneModule(num_classes=3, backbone="vit_test_patch16", image_size=48, window=48,
-                                       stride=48, drop_path_rate=0.0)
+    model = SegmentationFinetuneModule(
+        num_classes=3, backbone="vit_test_patch16", image_size=48, window=48, stride=48, drop_path_rate=0.0
+    )
     trainer = _trainer(tmp_path)
     trainer.strategy.connect(model)  # save a checkpoint without fitting
     path = tmp_path / "seg.ckpt"

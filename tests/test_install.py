@@ -63,17 +63,36 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1", LOCA_KEEP_FREED_MEMORY="0")
 
-    _run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--ignore-installed",
-          "--disable-pip-version-check", "--no-input", str(source)], tmp_path, env)  # fmt: skip
+    _run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            "--no-input",
+            str(source),
+        ],
+        tmp_path,
+        env,
+    )
 
     elsewhere = tmp_path / "elsewhere"  # no checkout here or above: only the installed package can be imported
     elsewhere.mkdir()
     where = _run([python, "-c", "import loca_lightning; print(loca_lightning.__file__)"], elsewhere, env).strip()
     assert Path(where).is_relative_to(venv_site), where
-    files = _run([python, "-c", "from importlib.metadata import files; print('\\n'.join(map(str, files('loca-lightning'))))"],
-                 elsewhere, env).split()  # fmt: skip
-    assert files and all(f.split("/")[0] in ("loca_lightning", "loca_lightning-0.1.0.dist-info") or f.endswith("bin/loca")
-                         for f in files), files  # fmt: skip
+    files = _run(
+        [python, "-c", "from importlib.metadata import files; print('\\n'.join(map(str, files('loca-lightning'))))"],
+        elsewhere,
+        env,
+    ).split()
+    assert files and all(
+        f.split("/")[0] in ("loca_lightning", "loca_lightning-0.1.0.dist-info") or f.endswith("bin/loca") for f in files
+    ), files
     assert "loca_lightning/cli.py" in files and not any("configs" in f or "examples" in f for f in files)
 
     loca = venv / "bin" / "loca"

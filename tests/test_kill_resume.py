@@ -50,17 +50,34 @@ def _free_port() -> int:
 def _start(folder: Path, args: list[str], devices: int, *extra: str) -> subprocess.Popen:
     """``loca fit`` in ``folder`` (its own process group, so that a kill takes the DDP peers and workers too)."""
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
     env.pop("LOCAL_RANK", None)
-    command = [sys.executable, "-m", "loca_lightning.cli", "fit", *args, "--trainer.logger=false",
-               "--trainer.enable_progress_bar=false", f"--trainer.devices={devices}",
-               *(["--trainer.strategy=ddp"] if devices > 1 else []),
-               "--checkpoint.dirpath=checkpoints", "--checkpoint.every_n_train_steps=1", *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "loca_lightning.cli",
+        "fit",
+        *args,
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.devices={devices}",
+        *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        "--checkpoint.dirpath=checkpoints",
+        "--checkpoint.every_n_train_steps=1",
+        *extra,
+    ]
     log = folder / f"loca-{len(list(folder.glob('loca-*.log')))}.log"
     with open(log, "w") as handle:
-        process = subprocess.Popen(command, cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     process.log = log
     return process
 
@@ -104,8 +121,13 @@ def _kill_at(process: subprocess.Popen, checkpoint: Path, step: int, timeout: fl
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Path, case: str) -> None:
     args, devices, kill_step = CASES[case]
     once = _start(tmp_path / "once", args, devices)  # the uninterrupted run, alongside the others
-    killed = _start(tmp_path / "killed", args, devices, "--trainer.callbacks+=_pause.PauseAfter",
-                    f"--trainer.callbacks.step={kill_step}")  # fmt: skip
+    killed = _start(
+        tmp_path / "killed",
+        args,
+        devices,
+        "--trainer.callbacks+=_pause.PauseAfter",
+        f"--trainer.callbacks.step={kill_step}",
+    )
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     try:
         _kill_at(killed, last, kill_step)
@@ -124,7 +146,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
     assert once["state_dict"].keys() == resumed["state_dict"].keys()
     for key, value in once["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    for mine, theirs in zip(once["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+    for mine, theirs in zip(
+        once["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()
+    ):
         for key, value in mine.items():
             assert torch.equal(value, theirs[key]), key
     moved = max((v.float() - saved["state_dict"][k].float()).abs().max().item() for k, v in once["state_dict"].items())

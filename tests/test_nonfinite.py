@@ -16,12 +16,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_gloo
 
 
 def _run(policy: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
     env.pop("LOCAL_RANK", None)
     # a rank that skipped or stopped alone would leave the other waiting in a collective: the timeout catches a hang
-    return subprocess.run([sys.executable, str(SCRIPT), policy, str(out)], cwd=ROOT, env=env, timeout=240,
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), policy, str(out)], cwd=ROOT, env=env, timeout=240, capture_output=True, text=True
+    )
 
 
 def test_one_rank_nonfinite_makes_every_rank_skip_the_step(tmp_path: Path) -> None:

@@ -24,20 +24,51 @@ def heldout_accuracy(model: LOCAPretrainModule, views, scenes: SyntheticScenes) 
 def short_fit(image: int, reference: int, steps: int, base_lr: float, scale=(0.32, 1.0)) -> tuple[float, float, float]:
     """Location accuracy on fresh views of the training scenes before and after a CPU fit, and chance."""
     L.seed_everything(0)
-    views = dict(reference_size=reference, query_size=reference, focal_size=reference // 2, num_focal=2,
-                 patch_size=PATCH, photometric=False, reference_scale=scale, query_scale=scale)
-    data = LOCAPretrainDataModule(source="synthetic", synthetic_length=SCENES, synthetic_image_size=image,
-                                  views=LOCAViews(**views), batch_size=16, num_workers=0, pin_memory=False)
+    views = dict(
+        reference_size=reference,
+        query_size=reference,
+        focal_size=reference // 2,
+        num_focal=2,
+        patch_size=PATCH,
+        photometric=False,
+        reference_scale=scale,
+        query_scale=scale,
+    )
+    data = LOCAPretrainDataModule(
+        source="synthetic",
+        synthetic_length=SCENES,
+        synthetic_image_size=image,
+        views=LOCAViews(**views),
+        batch_size=16,
+        num_workers=0,
+        pin_memory=False,
+    )
     model = LOCAPretrainModule(
-        backbone="vit_test_patch8", backbone_kwargs=dict(img_size=reference), reference_size=reference,
-        num_prototypes=32, projection_hidden_dim=64, projection_dim=16, drop_path_rate=0.0, momentum_base=0.99,
-        base_lr=base_lr, lr_reference_batch=16, warmup_epochs=0.1, weight_decay=0.05,
-    )  # fmt: skip
+        backbone="vit_test_patch8",
+        backbone_kwargs=dict(img_size=reference),
+        reference_size=reference,
+        num_prototypes=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+        drop_path_rate=0.0,
+        momentum_base=0.99,
+        base_lr=base_lr,
+        lr_reference_batch=16,
+        warmup_epochs=0.1,
+        weight_decay=0.05,
+    )
     data.setup()
     scenes = SyntheticScenes(length=SCENES, image_size=image, seed=0, with_masks=False)  # the training scenes
     before = heldout_accuracy(model, data.views, scenes)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+    )
     trainer.fit(model, data)
     return before, heldout_accuracy(model, data.views, scenes), 1.0 / model.num_positions
 
@@ -66,8 +97,14 @@ def test_short_fit_learns_location_on_the_released_196_position_grid():
 
 def test_release_initialisation_scales():
     """The released (flax) initialisation: positional table std 1/sqrt(D), Xavier/LeCun head kernels; teacher = student."""
-    tiny = dict(backbone="vit_pico_patch8", backbone_kwargs=dict(img_size=64), reference_size=64, num_prototypes=32,
-                projection_hidden_dim=64, projection_dim=16)
+    tiny = dict(
+        backbone="vit_pico_patch8",
+        backbone_kwargs=dict(img_size=64),
+        reference_size=64,
+        num_prototypes=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+    )
     model, dim = LOCAPretrainModule(**tiny), 96
     assert model.student.backbone.pos_embed.std().item() == pytest.approx(dim**-0.5, rel=0.1)
     kv = model.student.location_head.attn.kv.weight  # two [D, D] Xavier-uniform kernels: bound sqrt(6 / 2D)

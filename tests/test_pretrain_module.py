@@ -15,13 +15,27 @@ from loca_lightning.pretrain.masks import band_keep_index, random_keep_index, re
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.pretrain.views import LOCAViews
 
-TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
-            projection_dim=16, drop_path_rate=0.0, warmup_epochs=1)
+TINY = dict(
+    backbone="vit_test_patch16",
+    reference_size=64,
+    num_prototypes=32,
+    projection_hidden_dim=64,
+    projection_dim=16,
+    drop_path_rate=0.0,
+    warmup_epochs=1,
+)
 
 
 def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, gradient_clip_val=1.0, max_epochs=1)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        max_epochs=1,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -72,8 +86,13 @@ def test_weight_decay_reaches_qkv_biases_as_in_the_release():
     named = {n: decay[id(p)] for n, p in model.student.named_parameters()}
     assert named["backbone.blocks.0.attn.qkv.bias"] == named["location_head.attn.q.bias"] == 0.1
     assert named["location_head.attn.kv.bias"] == named["backbone.pos_embed"] == 0.1
-    for name in ("backbone.blocks.0.attn.proj.bias", "backbone.blocks.0.norm1.weight", "location_head.attn.proj.bias",
-                 "backbone.blocks.0.mlp.fc1.bias", "backbone.patch_embed.proj.bias"):
+    for name in (
+        "backbone.blocks.0.attn.proj.bias",
+        "backbone.blocks.0.norm1.weight",
+        "location_head.attn.proj.bias",
+        "backbone.blocks.0.mlp.fc1.bias",
+        "backbone.patch_embed.proj.bias",
+    ):
         assert named[name] == 0.0, name
 
 
@@ -125,9 +144,10 @@ def test_teacher_is_ema_of_student_and_gets_no_gradients():
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if batch_idx == 0:
                 seen["teacher_after"] = [p.detach().clone() for p in module.teacher.parameters()]
-                seen["student_after"] = [p.detach().clone() for p in
-                                         list(module.student.backbone.parameters())
-                                         + list(module.student.projection.parameters())]
+                seen["student_after"] = [
+                    p.detach().clone()
+                    for p in list(module.student.backbone.parameters()) + list(module.student.projection.parameters())
+                ]
 
     _trainer(max_steps=2, callbacks=[Probe()]).fit(model, FakeLOCADataModule())
     assert all(g is None for g in seen["teacher_grads"])
@@ -275,8 +295,14 @@ def test_logged_prototype_perplexity_is_that_of_the_student_query_logits():
 def test_held_out_location_accuracy_draws_its_own_masks():
     """The evaluation's token masks come from torch seed 0, whatever state the model's own mask generator is in, and
     that generator (training's) is left where it was."""
-    model = LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs=dict(img_size=32), reference_size=32,
-                               num_prototypes=32, projection_hidden_dim=64, projection_dim=16)  # fmt: skip
+    model = LOCAPretrainModule(
+        backbone="vit_test_patch8",
+        backbone_kwargs=dict(img_size=32),
+        reference_size=32,
+        num_prototypes=32,
+        projection_hidden_dim=64,
+        projection_dim=16,
+    )
     views = LOCAViews(reference_size=32, query_size=32, focal_size=16, num_focal=2, patch_size=8, photometric=False)
     scenes = SyntheticScenes(length=16, image_size=48, seed=0, with_masks=False)
     images = [scenes[i]["image"] for i in range(len(scenes))]

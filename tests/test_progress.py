@@ -41,9 +41,15 @@ def _loader(count: int = 16) -> DataLoader:
 
 def test_lines_every_n_steps_with_metrics_rate_and_eta() -> None:
     out = io.StringIO()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[ProgressLines(every_n_steps=3, every_n_batches=2, stream=out)],
-                        val_check_interval=4)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ProgressLines(every_n_steps=3, every_n_batches=2, stream=out)],
+        val_check_interval=4,
+    )
     assert isinstance(trainer.progress_bar_callback, ProgressLines)  # Lightning adds no TQDM bar next to it
     trainer.fit(Tiny(), _loader(), _loader(8))
     trainer.test(Tiny(), _loader())
@@ -56,7 +62,10 @@ def test_lines_every_n_steps_with_metrics_rate_and_eta() -> None:
     assert re.match(pattern, steps[0]), steps[0]
     assert sum(line.startswith("[validate] 2 batches") and "at step" in line for line in lines) == 2
     assert any(line.startswith("[fit] done: step 8, 8 steps in") for line in lines)
-    assert [line.split(" |")[0] for line in lines if line.startswith("[test] batch")] == ["[test] batch 2/4", "[test] batch 4/4"]
+    assert [line.split(" |")[0] for line in lines if line.startswith("[test] batch")] == [
+        "[test] batch 2/4",
+        "[test] batch 4/4",
+    ]
     assert any(re.match(r"\[test\] 4 batches in \d:\d\d:\d\d test/loss [\d.]+", line) for line in lines)
 
 
@@ -69,12 +78,20 @@ def test_loca_prints_lines_when_stdout_is_not_a_terminal(monkeypatch, terminal: 
     import loca_lightning.cli as cli
 
     monkeypatch.setattr(cli, "use_progress_lines", lambda: not terminal)
-    args = ["--model=loca_lightning.LOCAPretrainModule", "--model.backbone=vit_test_patch16",
-            "--model.reference_size=64", "--data=loca_lightning.LOCAPretrainDataModule", "--trainer.logger=false",
-            "--trainer.accelerator=cpu"]  # fmt: skip
+    args = [
+        "--model=loca_lightning.LOCAPretrainModule",
+        "--model.backbone=vit_test_patch16",
+        "--model.reference_size=64",
+        "--data=loca_lightning.LOCAPretrainDataModule",
+        "--trainer.logger=false",
+        "--trainer.accelerator=cpu",
+    ]
     bar = cli.LOCACLI(args=args, run=False).trainer.progress_bar_callback
     assert isinstance(bar, TQDMProgressBar if terminal else ProgressLines)
     # switched off, or a bar of the config's own: left as configured
-    assert cli.LOCACLI(args=[*args, "--trainer.enable_progress_bar=false"], run=False).trainer.progress_bar_callback is None
+    assert (
+        cli.LOCACLI(args=[*args, "--trainer.enable_progress_bar=false"], run=False).trainer.progress_bar_callback
+        is None
+    )
     own = cli.LOCACLI(args=[*args, "--trainer.callbacks+=TQDMProgressBar"], run=False).trainer.progress_bar_callback
     assert isinstance(own, TQDMProgressBar)

@@ -55,7 +55,9 @@ def _max_error(got: torch.Tensor, expected: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def trees():
     params = random_params(seed=0)
-    ema = map_leaves(lambda a: (a + 0.05 * np.random.default_rng(1).standard_normal(a.shape)).astype(np.float32), params)
+    ema = map_leaves(
+        lambda a: (a + 0.05 * np.random.default_rng(1).standard_normal(a.shape)).astype(np.float32), params
+    )
     return params, ema
 
 
@@ -100,8 +102,12 @@ def _cli_error(capsys, argv) -> str:
 # ------------------------------------------------------------------------------------------------ reading flax files
 def test_reads_flax_msgpack_leaves(tmp_path):
     values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
-    tree = {"a": {"f32": values, "i64": np.arange(5, dtype=np.int64), "scalar": np.float32(2.5), "c": 1 + 2j},
-            "chunked": np.arange(40, dtype=np.float32).reshape(4, 10), "step": 3, "none": None}
+    tree = {
+        "a": {"f32": values, "i64": np.arange(5, dtype=np.int64), "scalar": np.float32(2.5), "c": 1 + 2j},
+        "chunked": np.arange(40, dtype=np.float32).reshape(4, 10),
+        "step": 3,
+        "none": None,
+    }
     data = msgpack.unpackb(flax_bytes(tree, chunk_bytes=16), raw=False)  # add a bfloat16 leaf as flax writes one
     data["a"]["bf16"] = bfloat16_ext(np.array([1.0, -2.5, 0.15625], dtype=np.float32))
     (tmp_path / "f").write_bytes(msgpack.packb(data, use_bin_type=True))
@@ -128,17 +134,31 @@ def test_import_matches_numpy_release_forward(tmp_path, release_files, trees, ki
             ref_np, query_np = backbone_features(tree, reference), backbone_features(tree, query)
             assert _max_error(ref_tokens, ref_np) < TOL and _max_error(query_tokens, query_np) < TOL
             assert _max_error(net.projection(query_tokens), prototype_cosines(tree, query_np)) < TOL
-        logits = module.student.location_head(module.student.backbone(_nchw(query)), module.student.backbone(_nchw(reference)))
+        logits = module.student.location_head(
+            module.student.backbone(_nchw(query)), module.student.backbone(_nchw(reference))
+        )
     expected = location_logits(params, backbone_features(params, query), backbone_features(params, reference))
     assert _max_error(logits, expected) < TOL
     assert isinstance(module.student.backbone.blocks[0].mlp.act, GELUTanh)  # flax's nn.gelu
-    assert isinstance(module.student.location_head.mlp.act, GELUTanh) and isinstance(module.student.projection.mlp[1], GELUTanh)
+    assert isinstance(module.student.location_head.mlp.act, GELUTanh) and isinstance(
+        module.student.projection.mlp[1], GELUTanh
+    )
     assert record["teacher"] == ("params" if kind == "params" else "ema_params")
     assert record["global_step"] == (None if kind == "params" else 7)
     assert record["sha256"] == hashlib.sha256(release_files[kind].read_bytes()).hexdigest()
-    assert record["architecture"] == dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_dim=256, pos_grid=4,
-                                          num_positions=16, reference_size=64, projection_hidden_dim=128,
-                                          projection_dim=32, num_prototypes=64)
+    assert record["architecture"] == dict(
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_dim=256,
+        pos_grid=4,
+        num_positions=16,
+        reference_size=64,
+        projection_hidden_dim=128,
+        projection_dim=32,
+        num_prototypes=64,
+    )
     ignored = {item["path"]: item["leaves"] for item in record["ignored"]}
     if kind == "train_state":
         assert ignored["opt_state"] == 2 * len(leaf_paths(params)) + 3 and "rng" in ignored and "metadata" in ignored
@@ -230,7 +250,9 @@ def test_folder_takes_the_newest_checkpoint(tmp_path, trees):
     params, ema = trees
     for step in (3, 12, 100):  # numeric order, not text order: 100 > 12 > 3
         (tmp_path / "run" / f"checkpoint_{step}").parent.mkdir(exist_ok=True)
-        (tmp_path / "run" / f"checkpoint_{step}").write_bytes(flax_bytes(train_state(params, ema, step, opt_state=False)))
+        (tmp_path / "run" / f"checkpoint_{step}").write_bytes(
+            flax_bytes(train_state(params, ema, step, opt_state=False))
+        )
     record = import_release(tmp_path / "run", tmp_path / "out", allow_custom_size=True)
     assert record["global_step"] == 100 and record["source"].endswith("checkpoint_100")
 
@@ -261,7 +283,9 @@ def test_nothing_written_when_the_import_fails(tmp_path, release_files, monkeypa
     (tmp_path / "old" / "a.txt").write_text("previous import")
     with pytest.raises(OSError):
         import_release(release_files["stripped"], tmp_path / "old", force=True, allow_custom_size=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (tmp_path / "old" / "a.txt").read_text() == "previous import"
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (
+        tmp_path / "old" / "a.txt"
+    ).read_text() == "previous import"
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -278,13 +302,25 @@ def _bad_tree(trees, change):
         ("truncated", r"is truncated: its \d+ bytes end inside the msgpack data"),
         ("empty", r"is empty"),
         ("zip", r"is a zip file \(a PyTorch checkpoint\?\)"),
-        ("list", r"holds a list, not a LOCA checkpoint: expected a LOCA TrainState \(keys opt_state, ema_params, params"),
-        ("other_dict", r"is not a LOCA checkpoint: expected a LOCA TrainState \(keys opt_state, ema_params, params.*"
-                       r"params tree \(ToTokenSequence_0, encoderblock_0.*found keys: model, optimizer, step"),
+        (
+            "list",
+            r"holds a list, not a LOCA checkpoint: expected a LOCA TrainState \(keys opt_state, ema_params, params",
+        ),
+        (
+            "other_dict",
+            r"is not a LOCA checkpoint: expected a LOCA TrainState \(keys opt_state, ema_params, params.*"
+            r"params tree \(ToTokenSequence_0, encoderblock_0.*found keys: model, optimizer, step",
+        ),
         ("extra_top", r"top-level keys \['schedule'\] that a LOCA TrainState does not have"),
-        ("unknown_size", r"width 64, depth 2, 2 heads, MLP 256\) is not a known size \(known: vit_tiny_patch16.*--custom-size"),
-        ("missing_leaf", r"params does not match a LOCA model with patch 16, width 64.*missing leaves \(1\): "
-                         r"encoderblock_1/LayerNorm_1/bias"),
+        (
+            "unknown_size",
+            r"width 64, depth 2, 2 heads, MLP 256\) is not a known size \(known: vit_tiny_patch16.*--custom-size",
+        ),
+        (
+            "missing_leaf",
+            r"params does not match a LOCA model with patch 16, width 64.*missing leaves \(1\): "
+            r"encoderblock_1/LayerNorm_1/bias",
+        ),
         ("extra_leaf", r"params has leaves a LOCA model does not have \(1\): encoderblock_0/extra/kernel"),
         ("bad_shape", r"mis-shaped leaves \(1\): final_norm/scale \(65,\) \(expected \(64,\)\)"),
         ("ema_differs", r"ema_params is not the tree of params: missing \(1\): encoder_norm/bias"),
@@ -317,7 +353,9 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, release_files, trees, cas
     elif case == "missing_leaf":
         src.write_bytes(_bad_tree(trees, lambda p: p["encoderblock_1"]["LayerNorm_1"].pop("bias")))
     elif case == "extra_leaf":
-        src.write_bytes(_bad_tree(trees, lambda p: p["encoderblock_0"].update(extra={"kernel": np.zeros(3, np.float32)})))
+        src.write_bytes(
+            _bad_tree(trees, lambda p: p["encoderblock_0"].update(extra={"kernel": np.zeros(3, np.float32)}))
+        )
     elif case == "bad_shape":
         src.write_bytes(_bad_tree(trees, lambda p: p["final_norm"].update(scale=np.ones(65, np.float32))))
     elif case == "ema_differs":
@@ -325,8 +363,14 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, release_files, trees, cas
         ema["encoder_norm"].pop("bias")
         src.write_bytes(flax_bytes(train_state(trees[0], ema, opt_state=False)))
     elif case == "bad_positions":
-        src.write_bytes(_bad_tree(trees, lambda p: p.update(position_predictor={
-            "kernel": np.zeros((64, 17), np.float32), "bias": np.zeros(17, np.float32)})))
+        src.write_bytes(
+            _bad_tree(
+                trees,
+                lambda p: p.update(
+                    position_predictor={"kernel": np.zeros((64, 17), np.float32), "bias": np.zeros(17, np.float32)}
+                ),
+            )
+        )
     elif case == "batch_stats":
         state = train_state(trees[0], None, opt_state=False)
         state["state"] = {"batch_stats": {"mean": np.zeros(3, np.float32)}}
@@ -359,8 +403,16 @@ def test_help(capsys):
 
 # ------------------------------------------------------------------------------------------------ downstream use
 def _segmentation(pretrained, **backbone_kwargs) -> SegmentationFinetuneModule:
-    return SegmentationFinetuneModule(num_classes=3, backbone="vit_base_patch16", backbone_kwargs={**CUSTOM, **backbone_kwargs},
-                                      image_size=64, window=64, stride=64, drop_path_rate=0.0, pretrained=str(pretrained))
+    return SegmentationFinetuneModule(
+        num_classes=3,
+        backbone="vit_base_patch16",
+        backbone_kwargs={**CUSTOM, **backbone_kwargs},
+        image_size=64,
+        window=64,
+        stride=64,
+        drop_path_rate=0.0,
+        pretrained=str(pretrained),
+    )
 
 
 @pytest.mark.parametrize("source", ["loca_pretrain.ckpt", "timm_teacher.pth"])
@@ -378,8 +430,11 @@ def test_segmentation_adopts_the_release_activation(imported, trees, tmp_path, s
     assert isinstance(reloaded.backbone.blocks[0].mlp.act, GELUTanh)
     same = _segmentation(imported / source, act_layer="gelu_tanh")  # the same choice, set explicitly: fine
     assert isinstance(same.backbone.blocks[1].mlp.act, GELUTanh)
-    with pytest.raises(ValueError, match=r"trained with act_layer 'gelu_tanh' but model.backbone_kwargs.act_layer is "
-                                         r"'gelu': set model.backbone_kwargs.act_layer: gelu_tanh"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained with act_layer 'gelu_tanh' but model.backbone_kwargs.act_layer is "
+        r"'gelu': set model.backbone_kwargs.act_layer: gelu_tanh",
+    ):
         _segmentation(imported / source, act_layer="gelu")
 
 
@@ -390,8 +445,15 @@ def test_pretraining_starts_from_the_import(imported, tmp_path):
     module = LOCAPretrainModule(**kwargs, init_weights=str(path), drop_path_rate=0.0, warmup_epochs=0)
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in module.state_dict().items() if k != "skipped_images")
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=FakeLOCADataModule(batch_size=2, length=2, size=64, focal=32))
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
     moved = module.student.backbone.state_dict()["blocks.0.attn.qkv.weight"]
@@ -407,11 +469,17 @@ def test_pretraining_starts_from_the_import(imported, tmp_path):
     assert torch.equal(again.student.backbone.state_dict()["blocks.0.attn.qkv.weight"], moved)
     # the activation and the sizes must be the checkpoint's: each mismatch is an error naming the file
     plain = {**kwargs, "backbone_kwargs": {k: v for k, v in kwargs["backbone_kwargs"].items() if k != "act_layer"}}
-    with pytest.raises(ValueError, match=r"loca_pretrain.ckpt' was trained with act_layer 'gelu_tanh' but "
-                                         r"model.backbone_kwargs.act_layer is unset \(exact GELU\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"loca_pretrain.ckpt' was trained with act_layer 'gelu_tanh' but "
+        r"model.backbone_kwargs.act_layer is unset \(exact GELU\)",
+    ):
         LOCAPretrainModule(**plain, init_weights=str(path))
-    with pytest.raises(ValueError, match=r"weights in '.*loca_pretrain.ckpt' do not fit this model: mismatched \(2\): "
-                                         r"student.projection.prototypes.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights in '.*loca_pretrain.ckpt' do not fit this model: mismatched \(2\): "
+        r"student.projection.prototypes.weight",
+    ):
         LOCAPretrainModule(**{**kwargs, "num_prototypes": 32}, init_weights=str(path))
     assert LOCAPretrainModule.load_from_checkpoint(path, weights_only=True).hparams.num_prototypes == 64
 
@@ -428,8 +496,9 @@ def test_a_checkpoint_trained_with_another_activation_is_refused_on_load():
     with pytest.raises(ValueError, match="act_layer 'gelu_tanh'.*model.init_args.backbone_kwargs.act_layer"):
         SegmentationFinetuneModule(**seg).on_load_checkpoint(checkpoint)
     SegmentationFinetuneModule(**seg, backbone_kwargs={"act_layer": "gelu_tanh"}).on_load_checkpoint(checkpoint)
-    loca = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=16, projection_hidden_dim=32,
-                projection_dim=8)  # fmt: skip
+    loca = dict(
+        backbone="vit_test_patch16", reference_size=64, num_prototypes=16, projection_hidden_dim=32, projection_dim=8
+    )
     pretrained = LOCAPretrainModule(**loca, backbone_kwargs={"act_layer": "gelu_tanh"})
     checkpoint = {"state_dict": pretrained.state_dict(), "hyper_parameters": dict(pretrained.hparams)}
     with pytest.raises(ValueError, match="gelu_tanh"):

@@ -171,7 +171,9 @@ def test_one_step_equals_the_release(objective: str, drop_path: str, inputs: dic
     arch = found["arch"]
     module.replay(run, batch, num_focal)
     hooks = {}
-    module.student.backbone.register_forward_hook(lambda m, a, kw, out: module.student_outputs.append(out), with_kwargs=True)
+    module.student.backbone.register_forward_hook(
+        lambda m, a, kw, out: module.student_outputs.append(out), with_kwargs=True
+    )
     if objective == "full":
         module.teacher.backbone.register_forward_hook(lambda m, a, out: hooks.__setitem__("teacher", out))
         module.teacher.projection.register_forward_hook(lambda m, a, out: hooks.__setitem__("teacher_proj", out))
@@ -186,8 +188,11 @@ def test_one_step_equals_the_release(objective: str, drop_path: str, inputs: dic
     d = out["location_logits"].shape[-1]
     if objective == "full":
         _close(hooks["teacher"], run["step/ref_features"], "teacher reference features")
-        _close(hooks["teacher_proj"].reshape(-1, hooks["teacher_proj"].shape[-1]), run["step/ref_proj_logits"],
-               "teacher prototype logits")  # fmt: skip
+        _close(
+            hooks["teacher_proj"].reshape(-1, hooks["teacher_proj"].shape[-1]),
+            run["step/ref_proj_logits"],
+            "teacher prototype logits",
+        )
         _close(hooks["sinkhorn"].reshape(-1, hooks["sinkhorn"].shape[-1]), run["step/sinkhorn_out"], "Sinkhorn targets")
         large_outputs = module.student_outputs
     else:  # the student encodes the reference band first
@@ -234,8 +239,14 @@ def test_one_step_equals_the_release(objective: str, drop_path: str, inputs: dic
         _close(main, _split_key_bias(name, expected)[0].numpy(), f"clipped gradient of {name}", rel=1e-4)
 
     # ---- the module's own optimizer (its parameter groups and weight decay), from the release's Adam state
-    module._trainer = SimpleNamespace(estimated_stepping_batches=20, datamodule=SimpleNamespace(batch_size=batch),
-                                      world_size=1, accumulate_grad_batches=1, num_training_batches=4, max_epochs=5)  # fmt: skip
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=20,
+        datamodule=SimpleNamespace(batch_size=batch),
+        world_size=1,
+        accumulate_grad_batches=1,
+        num_training_batches=4,
+        max_epochs=5,
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     module._trainer = None
     mu = _as_torch(_tree(state, "opt_mu/"), arch, "student", objective, "Adam mu")

@@ -51,8 +51,9 @@ def test_a_restored_position_skips_batches_of_the_resumed_epoch_only() -> None:
     kwargs = dict(epoch_fn=lambda: clock[0], seed=0, shuffle=True, batch_size=3, drop_last=True)
     expected = _epochs(ResumableLoader(Indices(), **kwargs), clock, range(3))
     # persistent workers keep the iterator (and its index sampler) from one epoch to the next
-    loader = ResumableLoader(Indices(), num_workers=1, persistent_workers=True, resume={"epoch": 1, "batches": 2},
-                             **kwargs)  # fmt: skip
+    loader = ResumableLoader(
+        Indices(), num_workers=1, persistent_workers=True, resume={"epoch": 1, "batches": 2}, **kwargs
+    )
     clock[0] = 0  # the trainer's counter may still be behind when the first iterator is built
     resumed = [int(i) for batch in loader for i in batch]
     assert resumed == expected[1][6:]
@@ -70,8 +71,16 @@ def test_train_position_moves_to_the_next_epoch_after_its_last_batch() -> None:
 def test_datamodule_position_reaches_the_next_training_loader_once() -> None:
     from loca_lightning.data.pretrain import LOCAPretrainDataModule
 
-    dm = LOCAPretrainDataModule(source="synthetic", synthetic_length=4, synthetic_image_size=40, views=LOCAViews(**VIEWS),
-                                batch_size=1, num_workers=0, pin_memory=False, seed=5)  # fmt: skip
+    dm = LOCAPretrainDataModule(
+        source="synthetic",
+        synthetic_length=4,
+        synthetic_image_size=40,
+        views=LOCAViews(**VIEWS),
+        batch_size=1,
+        num_workers=0,
+        pin_memory=False,
+        seed=5,
+    )
     assert dm.state_dict() == {}  # outside fit: nothing to save
     reference = [batch["target_large"] for batch in dm.train_dataloader()]
     dm.load_state_dict({"train_position": {"epoch": 0, "batches": 3}})
@@ -83,9 +92,18 @@ def test_datamodule_position_reaches_the_next_training_loader_once() -> None:
 
 def test_segmentation_augmentations_depend_on_seed_epoch_and_index_only() -> None:
     def batches(num_workers: int, epoch: int, seed: int = 0) -> list[torch.Tensor]:
-        dm = SegmentationDataModule(layout="synthetic", synthetic_length=4, synthetic_image_size=48, crop_size=32,
-                                    base_size=(48, 48), batch_size=2, num_workers=num_workers, pin_memory=False,
-                                    persistent_workers=False, seed=seed)  # fmt: skip
+        dm = SegmentationDataModule(
+            layout="synthetic",
+            synthetic_length=4,
+            synthetic_image_size=48,
+            crop_size=32,
+            base_size=(48, 48),
+            batch_size=2,
+            num_workers=num_workers,
+            pin_memory=False,
+            persistent_workers=False,
+            seed=seed,
+        )
         dm.setup("fit")
         loader = dm.train_dataloader()
         loader.set_epoch(epoch)

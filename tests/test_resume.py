@@ -21,8 +21,16 @@ from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.pretrain.views import LOCAViews
 from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
-TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
-            projection_dim=16, drop_path_rate=0.1, warmup_epochs=1, reference_mask="unstructured")
+TINY = dict(
+    backbone="vit_test_patch16",
+    reference_size=64,
+    num_prototypes=32,
+    projection_hidden_dim=64,
+    projection_dim=16,
+    drop_path_rate=0.1,
+    warmup_epochs=1,
+    reference_mask="unstructured",
+)
 VIEWS = dict(reference_size=64, query_size=64, focal_size=32, num_focal=2, patch_size=16)
 
 
@@ -31,14 +39,33 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _trainer(root: Path, max_steps: int, callbacks=(), every: int | None = None) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=every)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     max_steps=max_steps, gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
-                     callbacks=[checkpoint, *callbacks], plugins=[AtomicCheckpointIO()], default_root_dir=root)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=max_steps,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[checkpoint, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=root,
+    )
 
 
 def _pretrain_data() -> LOCAPretrainDataModule:
-    return LOCAPretrainDataModule(source="synthetic", synthetic_length=12, synthetic_image_size=72, views=LOCAViews(**VIEWS),
-                                  batch_size=4, num_workers=0, pin_memory=False, seed=3)
+    return LOCAPretrainDataModule(
+        source="synthetic",
+        synthetic_length=12,
+        synthetic_image_size=72,
+        views=LOCAViews(**VIEWS),
+        batch_size=4,
+        num_workers=0,
+        pin_memory=False,
+        seed=3,
+    )
 
 
 def _state(trainer: L.Trainer, module: L.LightningModule) -> dict:
@@ -114,15 +141,27 @@ def _seg_loader() -> DataLoader:
     from loca_lightning.data.synthetic import SyntheticScenes
 
     scenes = SyntheticScenes(length=8, image_size=32, num_classes=3, seed=0)
-    items = [{"image": torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous(),
-              "mask": torch.from_numpy(s["mask"]).long()} for s in (scenes[i] for i in range(len(scenes)))]
+    items = [
+        {
+            "image": torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous(),
+            "mask": torch.from_numpy(s["mask"]).long(),
+        }
+        for s in (scenes[i] for i in range(len(scenes)))
+    ]
     return DataLoader(items, batch_size=2, shuffle=False)
 
 
 def _seg_run(root: Path, total: int, stop: int | None) -> dict:
     def make() -> SegmentationFinetuneModule:
-        return SegmentationFinetuneModule(num_classes=3, backbone="vit_test_patch16", image_size=32, window=32,
-                                          stride=32, drop_path_rate=0.2, inference_mode="whole")
+        return SegmentationFinetuneModule(
+            num_classes=3,
+            backbone="vit_test_patch16",
+            image_size=32,
+            window=32,
+            stride=32,
+            drop_path_rate=0.2,
+            inference_mode="whole",
+        )
 
     L.seed_everything(0)
     module = make()
@@ -170,8 +209,15 @@ def test_nonfinite_loss_saves_the_last_good_state_before_stopping(tmp_path: Path
 
 
 def test_nonfinite_checkpoint_goes_to_the_root_dir_without_a_checkpoint_callback(tmp_path: Path) -> None:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=4, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=4,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError):
         trainer.fit(Poisoned(**TINY), _pretrain_data())
     assert (tmp_path / "nonfinite-step2.ckpt").is_file()
@@ -200,9 +246,17 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, m
 def test_cli_trainer_writes_checkpoints_atomically() -> None:
     from loca_lightning.cli import LOCACLI
 
-    cli = LOCACLI(args=["--model=loca_lightning.LOCAPretrainModule", "--model.backbone=vit_test_patch16",
-                        "--model.reference_size=64", "--data=loca_lightning.LOCAPretrainDataModule",
-                        "--trainer.logger=false", "--trainer.accelerator=cpu"], run=False)
+    cli = LOCACLI(
+        args=[
+            "--model=loca_lightning.LOCAPretrainModule",
+            "--model.backbone=vit_test_patch16",
+            "--model.reference_size=64",
+            "--data=loca_lightning.LOCAPretrainDataModule",
+            "--trainer.logger=false",
+            "--trainer.accelerator=cpu",
+        ],
+        run=False,
+    )
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

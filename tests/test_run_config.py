@@ -15,8 +15,14 @@ from loca_lightning.callbacks.run_config import HEADER, SaveRunConfig
 from loca_lightning.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_length=8",
-        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--data.init_args.views.num_focal=1"]
+TINY = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.synthetic_length=8",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.views.num_focal=1",
+]
 
 
 @pytest.mark.slow
@@ -46,7 +52,9 @@ class _Parser:
 
 
 def _saver(inputs: list[str]) -> SaveRunConfig:
-    return SaveRunConfig(_Parser(), SimpleNamespace(get=lambda key, default=None: inputs if key == "config" else default))
+    return SaveRunConfig(
+        _Parser(), SimpleNamespace(get=lambda key, default=None: inputs if key == "config" else default)
+    )
 
 
 def test_only_a_config_the_project_wrote_is_replaced(tmp_path) -> None:

@@ -211,9 +211,12 @@ def test_folder_pairs_by_stem(folder_root: Path):
 
 def test_folder_explicit_dirs_and_reduce_zero_label(folder_root: Path):
     dm = module(
-        layout="folder", image_dir=str(folder_root / "images"), mask_dir=str(folder_root / "masks"),
-        class_names_file=str(folder_root / "classes.txt"), reduce_zero_label=True,
-    )  # fmt: skip
+        layout="folder",
+        image_dir=str(folder_root / "images"),
+        mask_dir=str(folder_root / "masks"),
+        class_names_file=str(folder_root / "classes.txt"),
+        reduce_zero_label=True,
+    )
     dm.setup("validate")
     np.testing.assert_array_equal(eval_item(dm)["mask"].numpy(), stripes([255, 0, 1, 255]))
 

@@ -30,17 +30,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def make_trainer(**kwargs) -> L.Trainer:
     """A quiet CPU trainer without logger or checkpoints."""
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
 def make_module(**kwargs) -> SegmentationFinetuneModule:
     defaults = dict(
-        num_classes=3, backbone="vit_test_patch16", image_size=SIZE, window=SIZE, stride=SIZE, drop_path_rate=0.0,
+        num_classes=3,
+        backbone="vit_test_patch16",
+        image_size=SIZE,
+        window=SIZE,
+        stride=SIZE,
+        drop_path_rate=0.0,
         inference_mode="whole",
-    )  # fmt: skip
+    )
     return SegmentationFinetuneModule(**{**defaults, **kwargs})
 
 
@@ -187,9 +197,14 @@ def test_checkpoint_of_other_architecture_fails_at_construction(tmp_path: Path) 
 
 def test_num_classes_disagreeing_with_datamodule_fails_at_setup() -> None:
     data = SegmentationDataModule(
-        layout="synthetic", synthetic_length=8, synthetic_val_length=2, synthetic_image_size=SIZE, crop_size=SIZE,
-        num_workers=0, pin_memory=False,
-    )  # fmt: skip
+        layout="synthetic",
+        synthetic_length=8,
+        synthetic_val_length=2,
+        synthetic_image_size=SIZE,
+        crop_size=SIZE,
+        num_workers=0,
+        pin_memory=False,
+    )
     with pytest.raises(ValueError, match=r"model\.num_classes=5 but the data has 9 classes"):
         make_trainer().validate(make_module(num_classes=5), datamodule=data)
 

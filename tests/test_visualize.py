@@ -107,14 +107,15 @@ def test_heatmap_colorize_blend_tile_upscale():
     out = tile(tiles, columns=2, pad=1, fill=9)
     assert out.shape == (5, 7, 3) and out[3, 0, 0] == 2 and out[0, 3, 0] == 9 and out[4, 6, 0] == 9
     assert upscale(np.arange(4, dtype=np.uint8).reshape(2, 2, 1), 2)[:, :, 0].tolist() == [
-        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 3, 3],
+        [2, 2, 3, 3],
+    ]
 
 
 def test_patch_labels_majority_ignore_and_ties():
-    mask = torch.tensor([[[1, 1, 0, 255],
-                          [1, 2, 255, 255],
-                          [255, 255, 3, 2],
-                          [255, 255, 2, 3]]])
+    mask = torch.tensor([[[1, 1, 0, 255], [1, 2, 255, 255], [255, 255, 3, 2], [255, 255, 2, 3]]])
     labels = patch_labels(mask, patch=2, num_classes=4)
     assert labels.tolist() == [[[1, 0], [255, 2]]]  # majority; only ignore -> 255; tie 2-2 -> lower class
     with pytest.raises(ValueError, match="multiple of the patch size"):

@@ -107,7 +107,9 @@ def state_dict_differences(own: Mapping[str, Tensor], theirs: Mapping[str, Tenso
 def describe_differences(report: Mapping[str, list[str]], shown: int = 12) -> list[str]:
     """One ``kind (count): first keys`` entry per non-empty list of :func:`state_dict_differences`."""
     return [
-        f"{kind} ({len(keys)}): " + ", ".join(keys[:shown]) + (f" ... (+{len(keys) - shown} more)" if len(keys) > shown else "")
+        f"{kind} ({len(keys)}): "
+        + ", ".join(keys[:shown])
+        + (f" ... (+{len(keys) - shown} more)" if len(keys) > shown else "")
         for kind, keys in report.items()
         if keys
     ]
@@ -131,7 +133,9 @@ def load_backbone_weights(
     report = state_dict_differences(own, state)
     if strict and any(report.values()):
         name = source if isinstance(source, (str, os.PathLike)) else "the given state dict"
-        raise ValueError("\n  ".join([f"weights from {name} do not match the backbone:", *describe_differences(report)]))
+        raise ValueError(
+            "\n  ".join([f"weights from {name} do not match the backbone:", *describe_differences(report)])
+        )
     loadable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     backbone.load_state_dict(loadable, strict=False)
     return report
@@ -189,8 +193,9 @@ def recorded_activation(path: str | os.PathLike, checkpoint: Mapping[str, Any]) 
     return False, None
 
 
-def check_activation(act_layer: Any, path: str | os.PathLike, checkpoint: Mapping[str, Any], key: str,
-                     adopt: bool = True) -> Any:
+def check_activation(
+    act_layer: Any, path: str | os.PathLike, checkpoint: Mapping[str, Any], key: str, adopt: bool = True
+) -> Any:
     """The activation to build with: the user's ``act_layer`` when set, else (``adopt``) the one ``checkpoint`` records.
 
     Raises ValueError naming both and the config ``key`` when they differ: the user set another one, or (``adopt=False``,
@@ -208,8 +213,12 @@ def check_activation(act_layer: Any, path: str | os.PathLike, checkpoint: Mappin
     return act_layer
 
 
-def load_module_weights(module: nn.Module, path: str | os.PathLike, act_layer: Any = None,
-                        prefixes: tuple[str, ...] = ("student.", "teacher.")) -> None:
+def load_module_weights(
+    module: nn.Module,
+    path: str | os.PathLike,
+    act_layer: Any = None,
+    prefixes: tuple[str, ...] = ("student.", "teacher."),
+) -> None:
     """Load the weights under ``prefixes`` of a module checkpoint (e.g. ``loca import-release``'s) into ``module``,
     strictly: a missing, unexpected or mis-shaped key is an error naming the file and the keys, and so is an activation
     other than ``act_layer`` (the module's ``backbone_kwargs.act_layer``). Other entries (a run's counters) are not

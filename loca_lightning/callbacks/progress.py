@@ -122,8 +122,10 @@ class ProgressLines(ProgressBar):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.monotonic() - self._start
         steps = trainer.global_step - self._first_step
-        self._print(f"[fit] done: step {trainer.global_step}, {steps} steps in {format_duration(elapsed)} "
-                    f"({steps / max(elapsed, 1e-9):.2f} steps/s)")  # fmt: skip
+        self._print(
+            f"[fit] done: step {trainer.global_step}, {steps} steps in {format_duration(elapsed)} "
+            f"({steps / max(elapsed, 1e-9):.2f} steps/s)"
+        )
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start_line(self) -> None:
@@ -137,8 +139,10 @@ class ProgressLines(ProgressBar):
         rate = done / max(elapsed, 1e-9)
         eta = (float(total) - done) / rate if isinstance(total, (int, float)) and math.isfinite(total) else math.inf
         shown = str(int(total)) if isinstance(total, (int, float)) and math.isfinite(total) else "?"
-        self._print(f"[{stage}] batch {done}/{shown} | {rate:.2f} batches/s | "
-                    f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}")  # fmt: skip
+        self._print(
+            f"[{stage}] batch {done}/{shown} | {rate:.2f} batches/s | "
+            f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}"
+        )
 
     def _eval_end_line(self, stage: str, count: int, trainer: L.Trainer, prefix: str | None) -> None:
         elapsed = time.monotonic() - self._eval_start
@@ -159,9 +163,14 @@ class ProgressLines(ProgressBar):
         self._eval_start_line()
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._eval_batch_line("test", batch_idx, trainer.num_test_batches[dataloader_idx])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -171,9 +180,14 @@ class ProgressLines(ProgressBar):
         self._eval_start_line()
 
     def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._eval_batch_line("predict", batch_idx, trainer.num_predict_batches[dataloader_idx])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

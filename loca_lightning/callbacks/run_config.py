@@ -39,8 +39,15 @@ def run_folder(trainer: L.Trainer) -> str | None:
 class SaveRunConfig(SaveConfigCallback):
     """Save the resolved config as ``config.yaml`` in :func:`run_folder`, never over a file the run did not write."""
 
-    def __init__(self, parser: Any, config: Any, config_filename: str = "config.yaml", overwrite: bool = False,
-                 multifile: bool = False, save_to_log_dir: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        parser: Any,
+        config: Any,
+        config_filename: str = "config.yaml",
+        overwrite: bool = False,
+        multifile: bool = False,
+        save_to_log_dir: bool = True,
+    ) -> None:
         # `overwrite` is accepted for LightningCLI's signature and ignored: only this project's own files are replaced.
         super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir)
 

@@ -167,8 +167,9 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         self.dataset: LOCAPretrainDataset | None = None
 
     @staticmethod
-    def missing_arguments(source: str = "synthetic", root: str | None = None, list_file: str | None = None,
-                          **_: Any) -> list[tuple[str, str]]:  # fmt: skip
+    def missing_arguments(
+        source: str = "synthetic", root: str | None = None, list_file: str | None = None, **_: Any
+    ) -> list[tuple[str, str]]:
         """(argument, what it is) for each argument these settings need but leave unset; the CLI checks them before
         it builds anything."""
         if source == "folder" and root is None:

@@ -85,8 +85,14 @@ class ResumableLoader(DataLoader):
         self._order_generator = torch.Generator()
         if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
             sampler, shuffle = RandomSampler(dataset, generator=self._order_generator), None
-        super().__init__(dataset, *args, shuffle=shuffle, sampler=sampler,
-                         generator=generator if generator is not None else torch.Generator(), **kwargs)  # fmt: skip
+        super().__init__(
+            dataset,
+            *args,
+            shuffle=shuffle,
+            sampler=sampler,
+            generator=generator if generator is not None else torch.Generator(),
+            **kwargs,
+        )
         self.epoch_fn = epoch_fn
         self.progress_fn = progress_fn
         self._resume = dict(resume) if resume else None
@@ -178,8 +184,9 @@ class ResumableTrainData:
     def resumable_loader(self, dataset: Dataset, seed: int, **kwargs: Any) -> ResumableLoader:
         """The training loader, starting at the restored position if there is one (used once)."""
         resume, self._resume_position = self._resume_position, None
-        return ResumableLoader(dataset, epoch_fn=self._current_epoch, progress_fn=self._batches_taken, seed=seed,
-                               resume=resume, **kwargs)  # fmt: skip
+        return ResumableLoader(
+            dataset, epoch_fn=self._current_epoch, progress_fn=self._batches_taken, seed=seed, resume=resume, **kwargs
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The training position while fitting (Lightning saves it in checkpoints), else nothing."""

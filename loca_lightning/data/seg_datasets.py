@@ -185,8 +185,11 @@ def pad_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Unreadable items (``"unreadable"``, from :class:`PredictImageDataset`) are left out of the tensors and listed in
     ``batch["unreadable"]`` as ``{"name", "image_path", "reason"}``.
     """
-    unreadable = [{"name": i["name"], "image_path": i["image_path"], "reason": i["unreadable"]} for i in items
-                  if "unreadable" in i]  # fmt: skip
+    unreadable = [
+        {"name": i["name"], "image_path": i["image_path"], "reason": i["unreadable"]}
+        for i in items
+        if "unreadable" in i
+    ]
     items = [item for item in items if "unreadable" not in item]
     sizes = torch.tensor([list(item["image"].shape[1:]) for item in items], dtype=torch.int64).view(-1, 2)  # [B, 2]
     height, width = (int(v) for v in sizes.max(dim=0).values) if items else (0, 0)

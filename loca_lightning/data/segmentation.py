@@ -109,8 +109,13 @@ class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
         self.predict_dataset: Dataset | None = None
 
     @staticmethod
-    def missing_arguments(layout: str = "synthetic", root: str | None = None, image_dir: str | None = None,
-                          mask_dir: str | None = None, **_: Any) -> list[tuple[str, str]]:  # fmt: skip
+    def missing_arguments(
+        layout: str = "synthetic",
+        root: str | None = None,
+        image_dir: str | None = None,
+        mask_dir: str | None = None,
+        **_: Any,
+    ) -> list[tuple[str, str]]:
         """(argument, what it is) for each argument this layout needs but is left unset; the CLI checks them before
         it builds anything."""
         if layout == "folder" and root is None and (image_dir is None or mask_dir is None):

@@ -28,8 +28,11 @@ def check_hparams(hp: Mapping[str, Any]) -> None:
         raise ValueError(
             f"need 0 <= momentum_base <= momentum_final <= 1, got {hp['momentum_base']}, {hp['momentum_final']}"
         )
-    choices = {"reference_mask": ("consecutive", "unstructured", "first"), "init": ("release", "timm"),
-               "on_nonfinite": ("stop", "skip")}  # fmt: skip
+    choices = {
+        "reference_mask": ("consecutive", "unstructured", "first"),
+        "init": ("release", "timm"),
+        "on_nonfinite": ("stop", "skip"),
+    }
     for name, allowed in choices.items():
         if hp[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {hp[name]!r}")

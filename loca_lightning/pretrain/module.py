@@ -142,8 +142,12 @@ class LOCAPretrainModule(L.LightningModule):
         target = torch.cat([target_large.gather(1, large_keep), target_focal.flatten(1)], dim=1)  # [B, Q]
         out = self.compute_losses(query_tokens, reference_keys, reference_targets, target)
 
-        self.last_step = {"reference_keep": reference_keep.detach(), "location_logits": out["location_logits"].detach(),
-                          "target": target.detach(), "num_large": large_keep.shape[1]}  # fmt: skip
+        self.last_step = {
+            "reference_keep": reference_keep.detach(),
+            "location_logits": out["location_logits"].detach(),
+            "target": target.detach(),
+            "num_large": large_keep.shape[1],
+        }
         self._log_step(out, batch, batch_size)
         return self.nonfinite(out, self)
 
@@ -255,9 +259,14 @@ class LOCAPretrainModule(L.LightningModule):
         hp = self.hparams
         groups = param_groups(self.student, hp.weight_decay, decay_suffixes=QKV_BIASES)
         config, self.total_steps = warmup_cosine_optimization(
-            self.trainer, groups, self.optimizer_factory, hp.base_lr, hp.lr_reference_batch, hp.warmup_epochs,
+            self.trainer,
+            groups,
+            self.optimizer_factory,
+            hp.base_lr,
+            hp.lr_reference_batch,
+            hp.warmup_epochs,
             hp.final_lr_ratio,
-        )  # fmt: skip
+        )
         return config
 
     def configure_gradient_clipping(
@@ -286,8 +295,10 @@ class LOCAPretrainModule(L.LightningModule):
         mine = dict(self.hparams.backbone_kwargs or {}).get("act_layer")
         check_activation(mine, "the checkpoint", checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
         if migrate_checkpoint(checkpoint, self.student, self.hparams.weight_decay):
-            log.warning("checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
-                        "now weight-decayed as in the release")  # fmt: skip
+            log.warning(
+                "checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
+                "now weight-decayed as in the release"
+            )
         warn_loaded_hparam_changes(checkpoint, self.hparams, "init_weights", "LOCA pretraining")
         if RNG_KEY in checkpoint:
             self.mask_generator.load_state(restore_rng_state(checkpoint[RNG_KEY]).get("mask"))

@@ -194,8 +194,16 @@ class Photometrics:
         blur_kernel: int,
         solarize_prob: float,
     ) -> None:
-        self.jitter = [(name, amount) for name, amount in (("brightness", brightness), ("contrast", contrast),
-                       ("saturation", saturation), ("hue", hue)) if amount > 0]  # fmt: skip
+        self.jitter = [
+            (name, amount)
+            for name, amount in (
+                ("brightness", brightness),
+                ("contrast", contrast),
+                ("saturation", saturation),
+                ("hue", hue),
+            )
+            if amount > 0
+        ]
         self.jitter_prob, self.grayscale_prob = jitter_prob, grayscale_prob
         self.blur_prob, self.blur_kernel, self.solarize_prob = blur_prob, blur_kernel, solarize_prob
 

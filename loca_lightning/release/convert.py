@@ -24,8 +24,16 @@ from loca_lightning.backbones.registry import VIT_SIZES, list_backbones
 from loca_lightning.release.flax_files import ReleaseFormatError
 
 TRAIN_STATE_KEYS = ("opt_state", "ema_params", "params", "state", "ema_state", "global_step", "rng", "metadata")
-PARAMS_KEYS = ("ToTokenSequence_0", "encoderblock_0", "...", "encoder_norm", "cross_attention_block", "final_norm",
-               "position_predictor", "projection_head_for_clustering_prediction")
+PARAMS_KEYS = (
+    "ToTokenSequence_0",
+    "encoderblock_0",
+    "...",
+    "encoder_norm",
+    "cross_attention_block",
+    "final_norm",
+    "position_predictor",
+    "projection_head_for_clustering_prediction",
+)
 RELEASE_ACTIVATION = "gelu_tanh"  # flax's nn.gelu is the tanh approximation
 PROJECTION = "projection_head_for_clustering_prediction"
 LOCATION_HEAD = ("cross_attention_block", "final_norm", "position_predictor")
@@ -67,16 +75,29 @@ class ReleaseArchitecture:
         return self.embed_dim // self.num_heads
 
     def describe(self) -> str:
-        text = (f"patch {self.patch_size}, width {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, "
-                f"MLP {self.mlp_dim}, {self.pos_grid}x{self.pos_grid} positional table, {self.num_positions} positions")
+        text = (
+            f"patch {self.patch_size}, width {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, "
+            f"MLP {self.mlp_dim}, {self.pos_grid}x{self.pos_grid} positional table, {self.num_positions} positions"
+        )
         if self.projection is None:
             return text + ", no projection head (location-only)"
         hidden, bottleneck, prototypes = self.projection
         return text + f", projection {self.embed_dim}->{hidden}->{hidden}->{bottleneck}, {prototypes} prototypes"
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pos_grid",
-                                             "num_positions", "reference_size")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "patch_size",
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "mlp_dim",
+                "pos_grid",
+                "num_positions",
+                "reference_size",
+            )
+        }
         hidden, bottleneck, prototypes = self.projection or (None, None, None)
         out.update(projection_hidden_dim=hidden, projection_dim=bottleneck, num_prototypes=prototypes)
         return out
@@ -103,15 +124,20 @@ def parse_release_tree(tree: Any, path: Path) -> ReleaseCheckpoint:
     """Recognise a LOCA TrainState state dict (complete or stripped) or a bare params tree."""
     expected = f"a LOCA TrainState (keys {', '.join(TRAIN_STATE_KEYS)}) or a params tree ({', '.join(PARAMS_KEYS)})"
     if not isinstance(tree, Mapping):
-        raise ReleaseFormatError(f"{str(path)!r} holds a {type(tree).__name__}, not a LOCA checkpoint: expected {expected}")
+        raise ReleaseFormatError(
+            f"{str(path)!r} holds a {type(tree).__name__}, not a LOCA checkpoint: expected {expected}"
+        )
     if "ToTokenSequence_0" in tree:
         return ReleaseCheckpoint(path, "params", flatten(tree), None)
     if not isinstance(tree.get("params"), Mapping):
-        raise ReleaseFormatError(f"{str(path)!r} is not a LOCA checkpoint: expected {expected}; found keys: {_keys(tree)}")
+        raise ReleaseFormatError(
+            f"{str(path)!r} is not a LOCA checkpoint: expected {expected}; found keys: {_keys(tree)}"
+        )
     unknown = sorted(set(tree) - set(TRAIN_STATE_KEYS) - {"model_state"})
     if unknown:
         raise ReleaseFormatError(
-            f"{str(path)!r} has top-level keys {unknown} that a LOCA TrainState does not have (expected {expected})")
+            f"{str(path)!r} has top-level keys {unknown} that a LOCA TrainState does not have (expected {expected})"
+        )
 
     def params_tree(value: Any) -> Any:  # a flax variables dict {"params": tree} is accepted too
         return value["params"] if isinstance(value, Mapping) and set(value) == {"params"} else value
@@ -122,10 +148,15 @@ def parse_release_tree(tree: Any, path: Path) -> ReleaseCheckpoint:
     for key in ("state", "ema_state", "model_state"):
         leaves = flatten(tree.get(key))
         if leaves:  # LOCA has no mutable collections (no batch norm): something we do not know how to map
-            raise ReleaseFormatError(f"{str(path)!r} has a non-empty {key!r} ({len(leaves)} leaves, e.g. "
-                                     f"{next(iter(leaves))!r}); the LOCA release keeps none")
-    reasons = {"opt_state": "optimizer moments (a run from the import starts a fresh optimizer)",
-               "rng": "the JAX random key", "metadata": "training metadata (chrono)"}
+            raise ReleaseFormatError(
+                f"{str(path)!r} has a non-empty {key!r} ({len(leaves)} leaves, e.g. "
+                f"{next(iter(leaves))!r}); the LOCA release keeps none"
+            )
+    reasons = {
+        "opt_state": "optimizer moments (a run from the import starts a fresh optimizer)",
+        "rng": "the JAX random key",
+        "metadata": "training metadata (chrono)",
+    }
     for key, reason in reasons.items():
         if key in tree and tree[key] is not None:
             ignored.append({"path": key, "leaves": len(flatten(tree[key])), "reason": reason})
@@ -160,46 +191,60 @@ def infer_architecture(flat: Mapping[str, Any], path: Path) -> ReleaseArchitectu
     p, p2, channels, dim = _leaf(flat, "ToTokenSequence_0/embedding/kernel", 4, path).shape
     _, gh, gw, _ = _leaf(flat, "ToTokenSequence_0/posembed_input", 4, path).shape
     if p != p2 or channels != 3 or gh != gw:
-        raise ReleaseFormatError(f"{str(path)!r}: patch kernel {p}x{p2}x{channels} and positional table {gh}x{gw}: "
-                                 "expected square patches of RGB images and a square table")
+        raise ReleaseFormatError(
+            f"{str(path)!r}: patch kernel {p}x{p2}x{channels} and positional table {gh}x{gw}: "
+            "expected square patches of RGB images and a square table"
+        )
     depth = _indices(flat, "encoderblock_", path)
     _, heads, head_dim = _leaf(flat, "encoderblock_0/MultiHeadDotProductAttention_0/query/kernel", 3, path).shape
     mlp_dim = _leaf(flat, "encoderblock_0/MlpBlock_0/Dense_0/kernel", 2, path).shape[1]
     positions = _leaf(flat, "position_predictor/kernel", 2, path).shape[1]
     if heads * head_dim != dim or positions != gh * gw:
-        raise ReleaseFormatError(f"{str(path)!r}: {heads} heads of {head_dim} for width {dim}, {positions} positions for "
-                                 f"a {gh}x{gw} table: expected heads x head size = width and positions = table size")
+        raise ReleaseFormatError(
+            f"{str(path)!r}: {heads} heads of {head_dim} for width {dim}, {positions} positions for "
+            f"a {gh}x{gw} table: expected heads x head size = width and positions = table size"
+        )
     projection = None
     if any(k.startswith(PROJECTION + "/") for k in flat):
         layers = _indices(flat, f"{PROJECTION}/Dense_", path)
         if layers != 3:
-            raise ReleaseFormatError(f"{str(path)!r}: the projection head has {layers} Dense layers; the release "
-                                     "(and our ProjectionHead) has 3")
+            raise ReleaseFormatError(
+                f"{str(path)!r}: the projection head has {layers} Dense layers; the release "
+                "(and our ProjectionHead) has 3"
+            )
         hidden = _leaf(flat, f"{PROJECTION}/Dense_0/kernel", 2, path).shape[1]
         bottleneck, prototypes = _leaf(flat, f"{PROJECTION}/prototypes/kernel", 2, path).shape
         projection = (hidden, bottleneck, prototypes)
     return ReleaseArchitecture(p, dim, depth, heads, mlp_dim, gh, positions, projection)
 
 
-def backbone_spec(arch: ReleaseArchitecture, allow_custom_size: bool = False, path: Path | None = None
-                  ) -> tuple[str, dict[str, Any], bool]:
+def backbone_spec(
+    arch: ReleaseArchitecture, allow_custom_size: bool = False, path: Path | None = None
+) -> tuple[str, dict[str, Any], bool]:
     """``(registered backbone name, overrides, is_custom)`` for the release's ViT; other sizes only when allowed."""
     size = (arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads)
     for name, known in STANDARD_SIZES.items():
         if known == size and arch.mlp_dim == 4 * arch.embed_dim:
             return name, {}, False
     if not allow_custom_size:
-        known = "; ".join(f"{n} (patch {s[0]}, width {s[1]}, depth {s[2]}, {s[3]} heads, MLP {4 * s[1]})"
-                          for n, s in STANDARD_SIZES.items())
+        known = "; ".join(
+            f"{n} (patch {s[0]}, width {s[1]}, depth {s[2]}, {s[3]} heads, MLP {4 * s[1]})"
+            for n, s in STANDARD_SIZES.items()
+        )
         raise ReleaseFormatError(
             f"{str(path)!r}: the release's ViT (patch {arch.patch_size}, width {arch.embed_dim}, depth {arch.depth}, "
             f"{arch.num_heads} heads, MLP {arch.mlp_dim}) is not a known size (known: {known}); pass --custom-size "
-            "(allow_custom_size=True) to import it as a ViT of these sizes")
+            "(allow_custom_size=True) to import it as a ViT of these sizes"
+        )
     ratio = arch.mlp_dim / arch.embed_dim
     if int(arch.embed_dim * ratio) != arch.mlp_dim:  # timm's Mlp builds int(dim * mlp_ratio) hidden units
-        raise ReleaseFormatError(f"{str(path)!r}: MLP width {arch.mlp_dim} is not expressible as mlp_ratio x {arch.embed_dim}")
+        raise ReleaseFormatError(
+            f"{str(path)!r}: MLP width {arch.mlp_dim} is not expressible as mlp_ratio x {arch.embed_dim}"
+        )
     name = f"vit_base_patch{arch.patch_size}"
-    overrides: dict[str, Any] = dict(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=ratio)
+    overrides: dict[str, Any] = dict(
+        embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=ratio
+    )
     if name not in list_backbones():
         name, overrides["patch_size"] = "vit_base_patch16", arch.patch_size
     return name, overrides, True
@@ -210,8 +255,12 @@ def module_kwargs(arch: ReleaseArchitecture, backbone: str, overrides: Mapping[s
     backbone_kwargs = {**overrides, "act_layer": RELEASE_ACTIVATION}
     if arch.reference_size != 224:  # the registered builders store a table for 224 px
         backbone_kwargs["img_size"] = arch.reference_size
-    kwargs: dict[str, Any] = dict(backbone=backbone, backbone_kwargs=backbone_kwargs,
-                                  reference_size=arch.reference_size, apply_cluster_loss=arch.projection is not None)
+    kwargs: dict[str, Any] = dict(
+        backbone=backbone,
+        backbone_kwargs=backbone_kwargs,
+        reference_size=arch.reference_size,
+        apply_cluster_loss=arch.projection is not None,
+    )
     if arch.projection is not None:
         hidden, bottleneck, prototypes = arch.projection
         kwargs.update(projection_hidden_dim=hidden, projection_dim=bottleneck, num_prototypes=prototypes)
@@ -238,8 +287,10 @@ def _t(x: np.ndarray) -> np.ndarray:
 
 
 def _norm(key: str, src: str, dim: int) -> list[Entry]:
-    return [Entry(f"{key}.weight", (f"{src}/scale",), ((dim,),), _same),
-            Entry(f"{key}.bias", (f"{src}/bias",), ((dim,),), _same)]
+    return [
+        Entry(f"{key}.weight", (f"{src}/scale",), ((dim,),), _same),
+        Entry(f"{key}.bias", (f"{src}/bias",), ((dim,),), _same),
+    ]
 
 
 def _dense(key: str, src: str, d_in: int, d_out: int, bias: bool = True) -> list[Entry]:
@@ -252,27 +303,36 @@ def _heads_in(names: tuple[str, ...], key: str, src: str, arch: ReleaseArchitect
     d, h, hd = arch.embed_dim, arch.num_heads, arch.head_dim
     weight = lambda *ks: np.concatenate([k.reshape(d, d).T for k in ks], axis=0)  # noqa: E731
     bias = lambda *bs: np.concatenate([b.reshape(d) for b in bs], axis=0)  # noqa: E731
-    return [Entry(f"{key}.weight", tuple(f"{src}/{n}/kernel" for n in names), ((d, h, hd),) * len(names), weight),
-            Entry(f"{key}.bias", tuple(f"{src}/{n}/bias" for n in names), ((h, hd),) * len(names), bias)]
+    return [
+        Entry(f"{key}.weight", tuple(f"{src}/{n}/kernel" for n in names), ((d, h, hd),) * len(names), weight),
+        Entry(f"{key}.bias", tuple(f"{src}/{n}/bias" for n in names), ((h, hd),) * len(names), bias),
+    ]
 
 
 def _attention_out(key: str, src: str, arch: ReleaseArchitecture) -> list[Entry]:
     d, h, hd = arch.embed_dim, arch.num_heads, arch.head_dim
-    return [Entry(f"{key}.weight", (f"{src}/out/kernel",), ((h, hd, d),), lambda k: k.reshape(d, d).T),
-            Entry(f"{key}.bias", (f"{src}/out/bias",), ((d,),), _same)]
+    return [
+        Entry(f"{key}.weight", (f"{src}/out/kernel",), ((h, hd, d),), lambda k: k.reshape(d, d).T),
+        Entry(f"{key}.bias", (f"{src}/out/bias",), ((d,),), _same),
+    ]
 
 
 def _mlp(key: str, src: str, arch: ReleaseArchitecture) -> list[Entry]:
-    return (_dense(f"{key}.fc1", f"{src}/Dense_0", arch.embed_dim, arch.mlp_dim)
-            + _dense(f"{key}.fc2", f"{src}/Dense_1", arch.mlp_dim, arch.embed_dim))
+    return _dense(f"{key}.fc1", f"{src}/Dense_0", arch.embed_dim, arch.mlp_dim) + _dense(
+        f"{key}.fc2", f"{src}/Dense_1", arch.mlp_dim, arch.embed_dim
+    )
 
 
 def backbone_entries(arch: ReleaseArchitecture) -> list[Entry]:
     """timm ViT (no class token) keys from ToTokenSequence_0, encoderblock_i, encoder_norm."""
     d, p, g = arch.embed_dim, arch.patch_size, arch.pos_grid
     entries = [
-        Entry("patch_embed.proj.weight", ("ToTokenSequence_0/embedding/kernel",), ((p, p, 3, d),),
-              lambda k: k.transpose(3, 2, 0, 1)),
+        Entry(
+            "patch_embed.proj.weight",
+            ("ToTokenSequence_0/embedding/kernel",),
+            ((p, p, 3, d),),
+            lambda k: k.transpose(3, 2, 0, 1),
+        ),
         Entry("patch_embed.proj.bias", ("ToTokenSequence_0/embedding/bias",), ((d,),), _same),
         Entry("pos_embed", ("ToTokenSequence_0/posembed_input",), ((1, g, g, d),), lambda t: t.reshape(1, g * g, d)),
     ]
@@ -292,11 +352,17 @@ def location_head_entries(arch: ReleaseArchitecture) -> list[Entry]:
     position_predictor."""
     d, src = arch.embed_dim, "cross_attention_block"
     attn = f"{src}/MultiHeadDotProductAttention_0"
-    return (_norm("norm_query", f"{src}/LayerNorm_0", d) + _norm("norm_reference", f"{src}/LayerNorm_1", d)
-            + _heads_in(("query",), "attn.q", attn, arch) + _heads_in(("key", "value"), "attn.kv", attn, arch)
-            + _attention_out("attn.proj", attn, arch) + _norm("norm_mlp", f"{src}/LayerNorm_2", d)
-            + _mlp("mlp", f"{src}/MlpBlock_0", arch) + _norm("norm_out", "final_norm", d)
-            + _dense("position_predictor", "position_predictor", d, arch.num_positions))
+    return (
+        _norm("norm_query", f"{src}/LayerNorm_0", d)
+        + _norm("norm_reference", f"{src}/LayerNorm_1", d)
+        + _heads_in(("query",), "attn.q", attn, arch)
+        + _heads_in(("key", "value"), "attn.kv", attn, arch)
+        + _attention_out("attn.proj", attn, arch)
+        + _norm("norm_mlp", f"{src}/LayerNorm_2", d)
+        + _mlp("mlp", f"{src}/MlpBlock_0", arch)
+        + _norm("norm_out", "final_norm", d)
+        + _dense("position_predictor", "position_predictor", d, arch.num_positions)
+    )
 
 
 def projection_entries(arch: ReleaseArchitecture) -> list[Entry]:
@@ -310,8 +376,9 @@ def projection_entries(arch: ReleaseArchitecture) -> list[Entry]:
     return entries + _dense("prototypes", f"{PROJECTION}/prototypes", bottleneck, prototypes, bias=False)
 
 
-def convert_tree(flat: Mapping[str, Any], groups: Mapping[str, list[Entry]], tree_name: str,
-                 path: Path, arch: ReleaseArchitecture) -> tuple[dict[str, Tensor], set[str]]:
+def convert_tree(
+    flat: Mapping[str, Any], groups: Mapping[str, list[Entry]], tree_name: str, path: Path, arch: ReleaseArchitecture
+) -> tuple[dict[str, Tensor], set[str]]:
     """Apply the entries of each group (torch prefix -> entries) to ``flat``; return tensors and the leaves used.
 
     Raises one error listing missing leaves and mis-shaped leaves (extra leaves are the caller's to judge).
@@ -336,8 +403,9 @@ def convert_tree(flat: Mapping[str, Any], groups: Mapping[str, list[Entry]], tre
                 out[prefix + entry.key] = torch.from_numpy(array)
     if missing or mismatched:
         parts = describe_differences({"missing leaves": missing, "mis-shaped leaves": mismatched}, shown=8)
-        raise ReleaseFormatError(f"{str(path)!r}: {tree_name} does not match a LOCA model with {arch.describe()}: "
-                                 + "; ".join(parts))
+        raise ReleaseFormatError(
+            f"{str(path)!r}: {tree_name} does not match a LOCA model with {arch.describe()}: " + "; ".join(parts)
+        )
     return out, used
 
 
@@ -354,8 +422,11 @@ def check_same_tree(params: Mapping[str, Any], ema: Mapping[str, Any], path: Pat
     shape = lambda v: tuple(getattr(v, "shape", ()))  # noqa: E731
     missing = sorted(set(params) - set(ema))
     extra = sorted(set(ema) - set(params))
-    differ = sorted(f"{k} {shape(ema[k])} vs {shape(params[k])}" for k in set(params) & set(ema)
-                    if shape(ema[k]) != shape(params[k]))
+    differ = sorted(
+        f"{k} {shape(ema[k])} vs {shape(params[k])}"
+        for k in set(params) & set(ema)
+        if shape(ema[k]) != shape(params[k])
+    )
     if missing or extra or differ:
         parts = describe_differences({"missing": missing, "extra": extra, "shapes differ": differ}, shown=8)
         raise ReleaseFormatError(f"{str(path)!r}: ema_params is not the tree of params: " + "; ".join(parts))

@@ -26,7 +26,7 @@ def _orbax_error(folder: Path) -> ReleaseFormatError:
     restore = f"ocp.PyTreeCheckpointer().restore({str(folder.resolve())!r})"
     return ReleaseFormatError(
         f"{str(folder)!r} is an Orbax checkpoint folder; loca import-release reads flax's msgpack checkpoint files. "
-        "Convert it where JAX is installed: python -c \"import flax, orbax.checkpoint as ocp; "
+        'Convert it where JAX is installed: python -c "import flax, orbax.checkpoint as ocp; '
         f"open('checkpoint.msgpack', 'wb').write(flax.serialization.msgpack_serialize({restore}))\""
     )
 
@@ -109,7 +109,9 @@ def read_flax_msgpack(path: str | os.PathLike) -> Any:
     try:
         import msgpack
     except ImportError as error:  # a declared dependency; a clear message if an environment lacks it
-        raise ReleaseFormatError("reading release checkpoints needs the 'msgpack' package: pip install msgpack") from error
+        raise ReleaseFormatError(
+            "reading release checkpoints needs the 'msgpack' package: pip install msgpack"
+        ) from error
     path = Path(path)
     data = path.read_bytes()
     if not data:

@@ -52,8 +52,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def release_module_checkpoint(source: str | os.PathLike, allow_custom_size: bool = False
-                              ) -> tuple[dict[str, Any], dict[str, Any], ReleaseArchitecture]:
+def release_module_checkpoint(
+    source: str | os.PathLike, allow_custom_size: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], ReleaseArchitecture]:
     """``(checkpoint, record, architecture)``: a LOCAPretrainModule checkpoint dict holding the release's weights,
     and what the import found (for ``import.json``)."""
     from loca_lightning.pretrain.module import LOCAPretrainModule
@@ -80,12 +81,21 @@ def release_module_checkpoint(source: str | os.PathLike, allow_custom_size: bool
         teacher, used = convert_tree(teacher_tree, teacher_groups, teacher_source, path, arch)
         state.update(teacher)
         if release.ema_params is not None:
-            ignored.append({"path": "ema_params/{cross_attention_block,final_norm,position_predictor}",
-                            "leaves": len(set(teacher_tree) - used),
-                            "reason": "the teacher's location head: the release never runs it and our teacher has none"})
+            ignored.append(
+                {
+                    "path": "ema_params/{cross_attention_block,final_norm,position_predictor}",
+                    "leaves": len(set(teacher_tree) - used),
+                    "reason": "the teacher's location head: the release never runs it and our teacher has none",
+                }
+            )
     elif release.ema_params is not None:
-        ignored.append({"path": "ema_params", "leaves": len(release.ema_params),
-                        "reason": "location-only variant: the release never uses its EMA copy, our module has no teacher"})
+        ignored.append(
+            {
+                "path": "ema_params",
+                "leaves": len(release.ema_params),
+                "reason": "location-only variant: the release never uses its EMA copy, our module has no teacher",
+            }
+        )
 
     with torch.device("meta"):  # the model's keys and shapes, without allocating it
         module = LOCAPretrainModule(**kwargs)
@@ -95,8 +105,10 @@ def release_module_checkpoint(source: str | os.PathLike, allow_custom_size: bool
             state[key] = torch.zeros(value.shape, dtype=value.dtype)
     wrong = state_dict_differences(expected, state)
     if any(wrong.values()):  # the mapping and our module disagree: a bug here, not a bad file
-        raise RuntimeError(f"the converted weights do not fit LOCAPretrainModule({kwargs}): "
-                           + "; ".join(describe_differences(wrong, shown=8)))
+        raise RuntimeError(
+            f"the converted weights do not fit LOCAPretrainModule({kwargs}): "
+            + "; ".join(describe_differences(wrong, shown=8))
+        )
     record = {
         "source": str(path.resolve()),
         "sha256": sha256(path),
@@ -121,8 +133,13 @@ def release_module_checkpoint(source: str | os.PathLike, allow_custom_size: bool
     return checkpoint, record, arch
 
 
-def import_release(source: str | os.PathLike, out: str | os.PathLike, weights: str | None = None,
-                   force: bool = False, allow_custom_size: bool = False) -> dict[str, Any]:
+def import_release(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: str | None = None,
+    force: bool = False,
+    allow_custom_size: bool = False,
+) -> dict[str, Any]:
     """Import a release checkpoint into the folder ``out``; return the import record (with ``files`` and ``call``).
 
     ``weights``: which network becomes the timm weights (default: the teacher, or the student of a location-only run).
@@ -134,8 +151,10 @@ def import_release(source: str | os.PathLike, out: str | os.PathLike, weights: s
         raise FileExistsError(f"{str(out)!r} exists; pass --force to replace it")
     checkpoint, record, arch = release_module_checkpoint(source, allow_custom_size)
     if weights == "teacher" and arch.projection is None:
-        raise ReleaseFormatError(f"{record['source']!r} is a location-only run (no projection head): it has no teacher; "
-                                 "use --weights student")
+        raise ReleaseFormatError(
+            f"{record['source']!r} is a location-only run (no projection head): it has no teacher; "
+            "use --weights student"
+        )
     weights = weights or ("teacher" if arch.projection is not None else "student")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".importing", dir=out.parent))
@@ -182,15 +201,25 @@ def import_release_main(argv: Sequence[str]) -> None:
         description="Import a checkpoint of the authors' LOCA release (scenic, flax msgpack; no JAX needed) as a "
         "LOCAPretrainModule checkpoint and timm weights (tanh GELU, as the release).",
     )
-    parser.add_argument("src", help="a flax checkpoint file (TrainState written by the release's trainer, possibly "
-                        "without opt_state, or a bare params tree), or a folder: its newest checkpoint_<step>")
+    parser.add_argument(
+        "src",
+        help="a flax checkpoint file (TrainState written by the release's trainer, possibly "
+        "without opt_state, or a bare params tree), or a folder: its newest checkpoint_<step>",
+    )
     parser.add_argument("out", help=f"output folder: {CHECKPOINT_NAME}, timm_<weights>.pth(.json), import.json")
-    parser.add_argument("--weights", choices=["teacher", "student"], default=None,
-                        help="which network becomes the timm weights (default: the teacher = ema_params; the student "
-                        "of a location-only run); the module checkpoint holds both")
+    parser.add_argument(
+        "--weights",
+        choices=["teacher", "student"],
+        default=None,
+        help="which network becomes the timm weights (default: the teacher = ema_params; the student "
+        "of a location-only run); the module checkpoint holds both",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
-    parser.add_argument("--custom-size", action="store_true",
-                        help="import a ViT of a size other than Ti/S/B/L/H (as a ViT with overridden sizes)")
+    parser.add_argument(
+        "--custom-size",
+        action="store_true",
+        help="import a ViT of a size other than Ti/S/B/L/H (as a ViT with overridden sizes)",
+    )
     args = parser.parse_args(list(argv))
     try:
         record = import_release(args.src, args.out, args.weights, args.force, args.custom_size)
@@ -199,11 +228,15 @@ def import_release_main(argv: Sequence[str]) -> None:
     out = Path(args.out)
     arch = record["architecture"]
     step = "" if record["global_step"] is None else f" at step {record['global_step']}"
-    print(f"imported {record['source']}{step}: ViT {arch['patch_size']}/{arch['embed_dim']}, depth {arch['depth']}, "
-          f"{arch['num_heads']} heads as {record['backbone']}" + (" with custom sizes" if record["custom_size"] else ""))
+    print(
+        f"imported {record['source']}{step}: ViT {arch['patch_size']}/{arch['embed_dim']}, depth {arch['depth']}, "
+        f"{arch['num_heads']} heads as {record['backbone']}" + (" with custom sizes" if record["custom_size"] else "")
+    )
     print("wrote " + ", ".join(str(out / name) for name in record["files"]))
     model_args = ", ".join(f"{k}={v!r}" for k, v in record["module_kwargs"].items())
-    print(f"pretrain from it: LOCAPretrainModule(init_weights={str(out / CHECKPOINT_NAME)!r}, {model_args}); "
-          f"segmentation: pretrained={str(out / CHECKPOINT_NAME)!r}")
+    print(
+        f"pretrain from it: LOCAPretrainModule(init_weights={str(out / CHECKPOINT_NAME)!r}, {model_args}); "
+        f"segmentation: pretrained={str(out / CHECKPOINT_NAME)!r}"
+    )
     print(f"{record['timm_weights']} backbone in timm; load it with:")
     print(load_instructions(out / f"timm_{record['timm_weights']}.pth", record["timm_create_model"]))

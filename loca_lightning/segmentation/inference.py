@@ -323,9 +323,18 @@ class SegmentationInference:
         _check_image(image)
         if not self.is_single_view:
             return multiscale_flip_inference(
-                model, image, self.scales, self.flip, self.mode, self.window, self.stride, num_classes,
-                self.batch_size, self.test_scale, normalize,
-            )  # fmt: skip
+                model,
+                image,
+                self.scales,
+                self.flip,
+                self.mode,
+                self.window,
+                self.stride,
+                num_classes,
+                self.batch_size,
+                self.test_scale,
+                normalize,
+            )
         upsample = self.test_scale is not None
 
         def run(view: Tensor) -> Tensor:

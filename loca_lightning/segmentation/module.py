@@ -91,8 +91,9 @@ class SegmentationFinetuneModule(L.LightningModule):
         backbone_kwargs = dict(backbone_kwargs or {})
         pretrained_checkpoint = load_weights_file(pretrained, trust=trust_checkpoint) if pretrained else None
         if pretrained_checkpoint is not None:  # the MLP activation follows the weights (tanh GELU for the release's)
-            act_layer = check_activation(backbone_kwargs.get("act_layer"), pretrained, pretrained_checkpoint,
-                                         "model.backbone_kwargs.act_layer")
+            act_layer = check_activation(
+                backbone_kwargs.get("act_layer"), pretrained, pretrained_checkpoint, "model.backbone_kwargs.act_layer"
+            )
             if act_layer is not None and "act_layer" not in backbone_kwargs:
                 log.info("act_layer %r adopted from %s", act_layer, pretrained)
                 backbone_kwargs["act_layer"] = act_layer
@@ -112,7 +113,9 @@ class SegmentationFinetuneModule(L.LightningModule):
             except CheckpointFileError:  # not a weights file at all: its own message says what it is
                 raise
             except (ValueError, KeyError) as error:
-                raise ValueError(f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}") from error
+                raise ValueError(
+                    f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}"
+                ) from error
             log.info("backbone initialised from %s (%s weights)", pretrained, pretrained_weights)
         if freeze_backbone:
             for param in self.backbone.parameters():
@@ -215,7 +218,10 @@ class SegmentationFinetuneModule(L.LightningModule):
         num_layers = len(self.backbone.blocks)
         if hp.layer_decay is not None:
             groups = param_groups(
-                self, 0.0, layer_decay=hp.layer_decay, num_layers=num_layers,
+                self,
+                0.0,
+                layer_decay=hp.layer_decay,
+                num_layers=num_layers,
                 layer_id=lambda name: vit_layer_id(name, num_layers),
             )
         else:
@@ -225,9 +231,7 @@ class SegmentationFinetuneModule(L.LightningModule):
             group.pop("weight_decay", None)  # the optimizer's own weight decay applies (Segmenter: 0)
         optimizer = self.optimizer_factory(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = LambdaLR(
-            optimizer, lambda step: poly(step, total, hp.poly_power, hp.min_lr_ratio, hp.warmup_steps)
-        )
+        scheduler = LambdaLR(optimizer, lambda step: poly(step, total, hp.poly_power, hp.min_lr_ratio, hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -246,4 +250,3 @@ class SegmentationFinetuneModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_backbone:  # a frozen encoder is a fixed feature extractor: no drop path in it
             self.backbone.eval()
-

@@ -20,9 +20,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from loca_lightning.distributed import destroy_process_groups
 from loca_lightning.pretrain.module import LOCAPretrainModule
 
-TINY = dict(backbone="vit_test_patch16", reference_size=64, num_prototypes=32, projection_hidden_dim=64,
-            projection_dim=16, drop_path_rate=0.0, warmup_epochs=0.5, reference_mask="unstructured",
-            lr_reference_batch=4)  # peak lr 1e-3: steps large enough for the comparison to mean something
+TINY = dict(
+    backbone="vit_test_patch16",
+    reference_size=64,
+    num_prototypes=32,
+    projection_hidden_dim=64,
+    projection_dim=16,
+    drop_path_rate=0.0,
+    warmup_epochs=0.5,
+    reference_mask="unstructured",
+    lr_reference_batch=4,
+)  # peak lr 1e-3: steps large enough for the comparison to mean something
 
 
 def sample_keep(targets: Tensor, num_tokens: int, keep: int, salt: int) -> Tensor:
@@ -68,9 +76,18 @@ def main() -> None:
     model = SampleMasks(**TINY, compile=compile)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        use_distributed_sampler=False,
+    )
     trainer.fit(model, StridedData(batch_size=per_device, length=16))
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "initial": initial, "world_size": trainer.world_size}, out)

@@ -21,12 +21,21 @@ def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule
     L.seed_everything(0)
     model = SampleMasks(**TINY)
     model.initial = {k: v.clone() for k, v in model.state_dict().items()}  # before sharding
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                                     every_n_train_steps=1)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1
+    )
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[checkpoint] + ([StopAt(stop)] if stop else []))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[checkpoint] + ([StopAt(stop)] if stop else []),
+    )
     # 8 samples, 2 per rank: 2 steps per epoch, so a stop after step 2 is at an epoch boundary (a plain DataLoader
     # cannot resume mid-epoch)
     trainer.fit(model, StridedData(batch_size=2, length=8), ckpt_path="last" if resume else None)
@@ -44,8 +53,10 @@ def main() -> None:
         full[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
     sharded = type(model.student.backbone.blocks[0].attn.qkv.weight).__name__
     if trainer.is_global_zero:
-        torch.save({"state_dict": full, "initial": model.initial, "global_step": trainer.global_step,
-                    "param_type": sharded}, out)
+        torch.save(
+            {"state_dict": full, "initial": model.initial, "global_step": trainer.global_step, "param_type": sharded},
+            out,
+        )
     destroy_process_groups()  # before Python shuts down: see loca_lightning/distributed.py
 
 

@@ -43,9 +43,17 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     model = PoisonRankOne(**TINY, on_nonfinite=policy)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
     try:
         trainer.fit(model, FakeLOCADataModule(batch_size=2, length=16))
     except FloatingPointError as error:
