@@ -30,7 +30,7 @@ from common import RELEASED, TrainStep, build_module, loca_step_flops, synthetic
 from machine import OtherLoad, machine_info, peak_rss_mb, wait_until_quiet
 from pipeline import bench_data  # noqa: F401  (run_isolated calls parts by name)
 
-from loca_lightning.data.pretrain import keep_freed_memory
+from loca_lightning.malloc import keep_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------- training step

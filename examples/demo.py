@@ -36,8 +36,8 @@ from examples.stages import (
     pretrain_summary,
     read_scalars,
 )
-from loca_lightning.cli import tune_malloc
 from loca_lightning.data.synthetic import SYNTHETIC_PALETTE
+from loca_lightning.malloc import tune_malloc
 from loca_lightning.visualize import colorize
 
 # What the printed `tensorboard` command shows (the pretraining callbacks are configured in configs/demo/pretrain.yaml).

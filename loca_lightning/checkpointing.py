@@ -1,4 +1,6 @@
-"""Checkpoint helpers: atomic writes and hyperparameter diffs on load (random-number state: ``loca_lightning.rng``)."""
+"""A run's own Lightning checkpoints: atomic writes and hyperparameter diffs on load (random-number state:
+``loca_lightning.rng``). Reading weight files is :mod:`loca_lightning.weights_files`; fitting their weights to a model
+is :mod:`loca_lightning.backbones.loading`."""
 
 from __future__ import annotations
 

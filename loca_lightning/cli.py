@@ -11,7 +11,6 @@ Model and data are chosen in the config by class path, so one entry point serves
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,20 +21,28 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from loca_lightning.backbones.registry import backbone_patch_size
-from loca_lightning.callbacks import ProgressLines, SaveRunConfig, SegmentationPredictionWriter
-from loca_lightning.callbacks.progress import use_progress_lines
+from loca_lightning.callbacks.progress import ProgressLines, use_progress_lines
+from loca_lightning.callbacks.run_config import SaveRunConfig
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
-from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
+from loca_lightning.malloc import tune_malloc
 
 DESCRIPTION = (
-    "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
-    "Subcommands: fit, validate, test, predict (LightningCLI, configured with --config FILE) and "
-    "`loca export CKPT OUT [--weights teacher|student] [--force]` (timm weights) and "
-    "`loca import-release SRC OUT [--weights teacher|student] [--force] [--custom-size]` (the authors' flax checkpoints "
-    "as a LOCA module checkpoint and timm weights)."
+    "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. fit, validate, test and predict are "
+    "LightningCLI's, configured with --config FILE; `loca SUBCOMMAND --help` shows each one's arguments."
 )
+
+# Subcommands beside LightningCLI's: name -> ("module:function" called with the remaining arguments, one-line help).
+# Each module is imported only when its subcommand runs (`loca export` loads neither the datasets nor OpenCV);
+# `loca --help` lists them with fit and the others. A new subcommand is one entry.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("loca_lightning.export:export_main", "Write a checkpoint's backbone as timm weights (.pth and .json)."),
+    "import-release": (
+        "loca_lightning.release:import_release_main",
+        "Convert the authors' flax checkpoint into a LOCA module checkpoint and timm weights.",
+    ),
+}
 
 
 EXIT_SKIPPED_IMAGES = 3  # `loca predict` wrote what it could but skipped unreadable images
@@ -67,7 +74,17 @@ class LOCACLI(LightningCLI):
             run=run,
         )
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # List SUBCOMMANDS in `loca --help` next to fit; :func:`main` runs them before this parser is built.
+        super()._add_subcommands(parser, **kwargs)
+        for name, (_, help_line) in SUBCOMMANDS.items():
+            parser._subcommands_action.add_subcommand(
+                name, LightningArgumentParser(description=help_line), help=help_line
+            )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from loca_lightning.callbacks.prediction import SegmentationPredictionWriter  # OpenCV: only under LightningCLI
+
         # Always-on callbacks with their own config sections (`checkpoint:`, `lr_monitor:`), so a config that sets
         # trainer.callbacks does not silently lose them.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -124,35 +141,20 @@ class LOCACLI(LightningCLI):
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
+        from loca_lightning.callbacks.prediction import SegmentationPredictionWriter
+
         writers = [c for c in self.trainer.callbacks if isinstance(c, SegmentationPredictionWriter)]
         if any(writer.num_skipped for writer in writers):
             self.exit_code = EXIT_SKIPPED_IMAGES
-
-
-def tune_malloc() -> None:
-    """Let glibc keep freed memory for reuse in this process unless ``LOCA_KEEP_FREED_MEMORY=0``.
-
-    Training allocates and frees the same large temporaries every step; by default glibc unmaps them and the next
-    step page-faults them in again (the gain and the memory it costs: benchmarks/README.md, `run.py --keep-memory
-    both`). DataLoader workers always do this (``keep_freed_memory`` is their ``worker_init_fn``).
-    """
-    if os.environ.get("LOCA_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``loca`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     tune_malloc()
-    if argv and argv[0] == "export":
-        from loca_lightning.export import export_main
-
-        export_main(argv[1:])
-        return
-    if argv and argv[0] == "import-release":
-        from loca_lightning.release import import_release_main
-
-        import_release_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        module, _, function = SUBCOMMANDS[argv[0]][0].partition(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     cli = LOCACLI(args=None if args is None else argv)
     # Only after a successful command: a failed one exits with its error, and a peer that is still inside a

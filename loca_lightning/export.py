@@ -1,4 +1,5 @@
-"""``loca export CKPT OUT``: a checkpoint's backbone as timm weights plus a JSON of the model config."""
+"""``loca export CKPT OUT``: a checkpoint's backbone as timm weights plus a JSON of the model config, and the timm
+architecture name and arguments under which a backbone's weights load strictly."""
 
 from __future__ import annotations
 
@@ -11,16 +12,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from loca_lightning.backbones import (
-    build_backbone,
-    export_timm_state_dict,
-    load_backbone_weights,
-    timm_create_model_call,
-)
-from loca_lightning.backbones.checkpoints import extract_backbone_state_dict, load_weights_file, timm_model_kwargs
+from loca_lightning.backbones import build_backbone, load_backbone_weights
 from loca_lightning.backbones.vit import ViT
-from loca_lightning.weights_files import CheckpointFileError, is_lightning_checkpoint
+from loca_lightning.weights_files import (
+    CheckpointFileError,
+    extract_backbone_state_dict,
+    is_lightning_checkpoint,
+    load_weights_file,
+)
+
+# timm architecture names whose defaults match (patch, width, depth, heads); other sizes override a base name.
+_TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
+    (16, 192, 12, 3): "vit_tiny_patch16_224",
+    (16, 384, 12, 6): "vit_small_patch16_224",
+    (16, 768, 12, 12): "vit_base_patch16_224",
+    (16, 1024, 24, 16): "vit_large_patch16_224",
+    (8, 384, 12, 6): "vit_small_patch8_224",
+    (8, 768, 12, 12): "vit_base_patch8_224",
+}
+
+
+def timm_model_kwargs(backbone: ViT) -> tuple[str, dict[str, Any]]:
+    """A timm architecture name and the keyword arguments under which it has exactly ``backbone``'s weights."""
+    config = dict(backbone.timm_config)
+    key = (config["patch_size"], config["embed_dim"], config["depth"], config["num_heads"])
+    name = _TIMM_NAMES.get(key, "vit_base_patch16_224")
+    kwargs = dict(config)
+    kwargs.update(class_token=False, global_pool="avg", fc_norm=False, num_classes=0)
+    return name, kwargs
+
+
+def timm_create_model_call(backbone: ViT) -> str:
+    """The ``timm.create_model(...)`` call (as text) that builds a model loading the exported weights strictly."""
+    name, kwargs = timm_model_kwargs(backbone)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"timm.create_model({name!r}, pretrained=False, {args})"
+
+
+def export_timm_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
+    """A detached, contiguous float32 copy of the backbone's state dict, in timm's key format."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in backbone.state_dict().items()}
 
 
 def export_backbone(module: Any, which: str = "teacher") -> ViT:

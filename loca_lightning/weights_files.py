@@ -1,10 +1,14 @@
-"""Reading a weights or checkpoint file safely, and saying what a file is when it is not one.
+"""Weight files: reading them safely, saying what a file is when it is not one, and what a checkpoint holds (the
+backbone's state dict, the activation it was trained with).
 
 Files are loaded with ``torch.load(..., weights_only=True)``: weights are data, not code. When that fails, the file is
 examined without running anything it holds (magic bytes, the zip directory, the pickle's opcodes) so that the error
 names the actual problem: another format (an image, HDF5, msgpack, numpy, text), an empty or truncated file, a zip
 that is no PyTorch checkpoint, or a checkpoint that stores Python objects next to its tensors. Only the last case can
 be loaded anyway, and only by full unpickling (``trust=True``), which is suggested when the file holds tensors.
+
+Fitting the weights to a model is :mod:`loca_lightning.backbones.loading`; a run's own Lightning checkpoints (atomic
+writes, hyperparameter diffs on resume) are :mod:`loca_lightning.checkpointing`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch import Tensor
 
 # Magic bytes of formats people hand to a weights loader by mistake.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -193,3 +198,95 @@ def _untrusted(path: Path, scan: _Scan, error: Exception) -> CheckpointFileError
 def is_lightning_checkpoint(checkpoint: Any) -> bool:
     """Whether a loaded object looks like a Lightning checkpoint (its version key and a state dict)."""
     return isinstance(checkpoint, Mapping) and all(key in checkpoint for key in LIGHTNING_KEYS)
+
+
+# Where the backbone lives inside a LOCAPretrainModule / SegmentationFinetuneModule state dict.
+BACKBONE_PREFIXES: dict[str, tuple[str, ...]] = {
+    "teacher": ("teacher.backbone.", "teacher_backbone."),
+    "student": ("student.backbone.", "student_backbone.", "backbone."),
+}
+
+
+def load_weights_file(path: str | os.PathLike, trust: bool = False) -> Mapping[str, Any]:
+    """Load a checkpoint or state-dict file safely (``weights_only=True``); ``trust=True`` allows full unpickling.
+
+    A file that is not one (an image, a truncated download, another framework's format) raises
+    :class:`CheckpointFileError` naming what it is.
+    """
+    checkpoint = read_weights_file(path, trust=trust)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointFileError(
+            f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint or state dict (a mapping of names to tensors)"
+        )
+    return checkpoint
+
+
+def extract_backbone_state_dict(checkpoint: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
+    """The backbone's state dict from a LOCA/segmentation checkpoint, a ``{"state_dict"|"model": ...}`` wrapper,
+    or a plain timm-format state dict (returned as is)."""
+    if which not in BACKBONE_PREFIXES:
+        raise ValueError(f"which must be one of {sorted(BACKBONE_PREFIXES)}, got {which!r}")
+    state = checkpoint
+    for wrapper in ("state_dict", "model", "module"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+            break
+    for prefix in BACKBONE_PREFIXES[which]:
+        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if found:
+            return found
+    if which == "teacher":
+        other = [p for p in BACKBONE_PREFIXES["student"] if any(k.startswith(p) for k in state)]
+        if other and not any(k.startswith("teacher") for k in state):
+            raise KeyError(f"the checkpoint has no teacher weights (it has {other[0]!r}...); use which='student'")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _activation_name(act_layer: Any) -> str:
+    """A comparable name: unset (``None``) and ``"gelu"`` are both the exact GELU of timm's default."""
+    if act_layer is None:
+        return "gelu"
+    return act_layer if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
+
+
+def recorded_activation(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """``(recorded, act_layer)``: the MLP activation a weights file was made with, where it says so.
+
+    A loca-lightning checkpoint records it in ``hyper_parameters.backbone_kwargs.act_layer`` (absent: timm's exact
+    GELU); a timm state dict written by ``loca export`` in its sibling ``<file>.json`` (``timm_kwargs.act_layer``).
+    Any other file records nothing: ``(False, None)``.
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, Mapping):
+        return True, dict(hparams.get("backbone_kwargs") or {}).get("act_layer")
+    sidecar = Path(path).with_name(Path(path).name + ".json")
+    if sidecar.is_file():
+        import json
+
+        try:
+            config = json.loads(sidecar.read_text())
+        except ValueError as error:
+            raise ValueError(f"{str(sidecar)!r} is not valid JSON ({error})") from error
+        if isinstance(config, Mapping) and isinstance(config.get("timm_kwargs"), Mapping):
+            return True, config["timm_kwargs"].get("act_layer")
+    return False, None
+
+
+def check_activation(
+    act_layer: Any, path: str | os.PathLike, checkpoint: Mapping[str, Any], key: str, adopt: bool = True
+) -> Any:
+    """The activation to build with: the user's ``act_layer`` when set, else (``adopt``) the one ``checkpoint`` records.
+
+    Raises ValueError naming both and the config ``key`` when they differ: the user set another one, or (``adopt=False``,
+    the model is built already) left it unset while the checkpoint records another one.
+    """
+    recorded, theirs = recorded_activation(path, checkpoint)
+    if not recorded or (act_layer is None and adopt):
+        return theirs if recorded else act_layer
+    if _activation_name(act_layer) != _activation_name(theirs):
+        mine = repr(_activation_name(act_layer)) if act_layer is not None else "unset (exact GELU)"
+        raise ValueError(
+            f"{str(path)!r} was trained with act_layer {_activation_name(theirs)!r} but {key} is {mine}: "
+            f"set {key}: {_activation_name(theirs)}"
+        )
+    return act_layer

@@ -6,15 +6,13 @@ import torch
 
 from loca_lightning.backbones import (
     build_backbone,
-    export_timm_state_dict,
     list_backbones,
     load_backbone_weights,
     register_backbone,
     resize_pos_embed,
-    timm_create_model_call,
 )
-from loca_lightning.backbones.checkpoints import timm_model_kwargs
 from loca_lightning.backbones.vit import attention
+from loca_lightning.export import export_timm_state_dict, timm_create_model_call, timm_model_kwargs
 from loca_lightning.weights_files import CheckpointFileError, UntrustedCheckpointError
 
 

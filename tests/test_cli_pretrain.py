@@ -68,15 +68,15 @@ def test_demo_config_fits_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_loca_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
-    import loca_lightning.cli as cli
+    import loca_lightning.malloc as malloc
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(1))
     monkeypatch.delenv("LOCA_KEEP_FREED_MEMORY", raising=False)
-    cli.tune_malloc()
+    malloc.tune_malloc()
     assert calls == [1]
     monkeypatch.setenv("LOCA_KEEP_FREED_MEMORY", "0")
-    cli.tune_malloc()
+    malloc.tune_malloc()
     assert calls == [1]
 
 

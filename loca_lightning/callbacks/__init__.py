@@ -1,29 +1,39 @@
 """The project's Lightning callbacks: writing ``loca predict`` masks, TensorBoard image loggers, an online dense probe,
 saving a run's config in its own folder, progress lines for logs that are not a terminal.
 
-Configs name them by these paths (``loca_lightning.callbacks.LOCAImageLogger``); each lives in a module of its own.
+Configs name them by these paths (``loca_lightning.callbacks.LOCAImageLogger``); each lives in a module of its own,
+imported on first use, so that importing the package (as ``loca export`` does through the CLI) loads neither OpenCV
+nor the datasets.
 """
 
-from loca_lightning.callbacks.images import LOCAImageLogger, PeriodicImageLogger, SegmentationImageLogger
-from loca_lightning.callbacks.prediction import (
-    SegmentationPredictionWriter,
-    indexed_png,
-    mask_palette,
-    overlay_image,
-)
-from loca_lightning.callbacks.probe import OnlineDenseProbe
-from loca_lightning.callbacks.progress import ProgressLines
-from loca_lightning.callbacks.run_config import SaveRunConfig
+from __future__ import annotations
 
-__all__ = [
-    "LOCAImageLogger",
-    "OnlineDenseProbe",
-    "PeriodicImageLogger",
-    "ProgressLines",
-    "SaveRunConfig",
-    "SegmentationImageLogger",
-    "SegmentationPredictionWriter",
-    "indexed_png",
-    "mask_palette",
-    "overlay_image",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LOCAImageLogger": "loca_lightning.callbacks.images",
+    "PeriodicImageLogger": "loca_lightning.callbacks.images",
+    "SegmentationImageLogger": "loca_lightning.callbacks.images",
+    "SegmentationPredictionWriter": "loca_lightning.callbacks.prediction",
+    "indexed_png": "loca_lightning.callbacks.prediction",
+    "mask_palette": "loca_lightning.callbacks.prediction",
+    "overlay_image": "loca_lightning.callbacks.prediction",
+    "OnlineDenseProbe": "loca_lightning.callbacks.probe",
+    "ProgressLines": "loca_lightning.callbacks.progress",
+    "SaveRunConfig": "loca_lightning.callbacks.run_config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loca_lightning.callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,7 +8,6 @@ without being restarted; the loader and the DataModule resume mid-epoch exactly 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,27 +22,12 @@ from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
 from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch
 from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.malloc import keep_freed_memory
 from loca_lightning.pretrain.views import LOCAViews
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 50
-
-
-def keep_freed_memory(worker_id: int | None = None) -> None:
-    """DataLoader ``worker_init_fn``: let glibc's malloc keep freed memory for reuse (no-op elsewhere).
-
-    By default glibc returns freed heap memory to the OS and maps large blocks afresh, so every sample's
-    arrays are page-faulted in again (the cost is measured in benchmarks/README.md). A worker's
-    working set is a few batches of views, so keeping it costs little memory.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    mallopt(m_mmap_max, 0)  # every block from the heap, where freed memory is reused
-    mallopt(m_trim_threshold, 2**30)  # return memory to the OS only beyond 1 GiB of free heap
 
 
 class PathTable:

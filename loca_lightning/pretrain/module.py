@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from loca_lightning.backbones import build_backbone
-from loca_lightning.backbones.checkpoints import check_activation, load_module_weights
+from loca_lightning.backbones.loading import load_module_weights
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
 from loca_lightning.nonfinite import NonFiniteGuard
 from loca_lightning.normalize import Normalize
@@ -26,6 +26,7 @@ from loca_lightning.pretrain import losses, masks, performance
 from loca_lightning.pretrain.checks import check_batch, check_hparams, migrate_checkpoint
 from loca_lightning.pretrain.networks import QKV_BIASES, LOCATeacher, build_student
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
+from loca_lightning.weights_files import check_activation
 
 log = logging.getLogger(__name__)
 

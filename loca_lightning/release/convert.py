@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from loca_lightning.backbones.checkpoints import describe_differences
+from loca_lightning.backbones.loading import describe_differences
 from loca_lightning.backbones.registry import VIT_SIZES, list_backbones
 from loca_lightning.release.flax_files import ReleaseFormatError
 

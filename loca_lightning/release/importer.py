@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from loca_lightning.backbones.checkpoints import describe_differences, load_weights_file, state_dict_differences
+from loca_lightning.backbones.loading import describe_differences, state_dict_differences
 from loca_lightning.export import backbone_from_checkpoint, load_instructions, write_timm_files
 from loca_lightning.release.convert import (
     RELEASE_ACTIVATION,
@@ -39,6 +39,7 @@ from loca_lightning.release.convert import (
     projection_entries,
 )
 from loca_lightning.release.flax_files import ReleaseFormatError, read_flax_msgpack, resolve_checkpoint_file
+from loca_lightning.weights_files import load_weights_file
 
 CHECKPOINT_NAME = "loca_pretrain.ckpt"
 

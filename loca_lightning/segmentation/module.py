@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from loca_lightning.backbones import build_backbone, load_backbone_weights
-from loca_lightning.backbones.checkpoints import check_activation, load_weights_file
 from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
 from loca_lightning.data.seg_datasets import unpadded
@@ -31,7 +30,7 @@ from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.segmentation.decoders import build_decoder
 from loca_lightning.segmentation.inference import SegmentationInference
 from loca_lightning.segmentation.metrics import SegmentationMetric, format_class_table
-from loca_lightning.weights_files import CheckpointFileError
+from loca_lightning.weights_files import CheckpointFileError, check_activation, load_weights_file
 
 log = logging.getLogger(__name__)
 
