@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -20,7 +20,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["stop", "skip"]
+Policy = Literal["stop", "skip"]  # the choices of on_nonfinite
+POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 def any_rank_nonfinite(loss: Tensor, trainer: L.Trainer | None) -> bool:
@@ -37,8 +38,8 @@ class NonFiniteGuard:
     :attr:`skipping`. ``enabled = False`` turns the check (one host sync per step) off, for benchmarks."""
 
     def __init__(self, policy: Policy = "stop") -> None:
-        if policy not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self.enabled = True
         self.skipping = False

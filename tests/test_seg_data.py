@@ -22,7 +22,7 @@ from loca_lightning.data.seg_datasets import SegmentationDataset, fraction_subse
 from loca_lightning.data.seg_layouts import SegSample, reduce_zero_label
 from loca_lightning.data.segmentation import SegmentationDataModule
 from loca_lightning.data.synthetic import SYNTHETIC_CLASSES
-from loca_lightning.data.transforms import photometric_distortion, rescale_size, sample_crop_box, train_pipeline
+from loca_lightning.data.transforms import cat_max_ratio_crop_box, photometric_distortion, rescale_size, train_pipeline
 
 H, W = 30, 40
 
@@ -378,8 +378,8 @@ def test_crop_rejects_a_dominated_crop_when_an_alternative_exists():
     mask[:, 10:] = np.where(np.arange(30) % 2, 1, 2)
     rejected = 0
     for seed in range(200):
-        first = sample_crop_box(mask, (10, 10), 1.0, np.random.default_rng(seed))  # no check: the first draw
-        top, left, bottom, right = sample_crop_box(mask, (10, 10), 0.75, np.random.default_rng(seed))
+        first = cat_max_ratio_crop_box(mask, (10, 10), 1.0, np.random.default_rng(seed))  # no check: the first draw
+        top, left, bottom, right = cat_max_ratio_crop_box(mask, (10, 10), 0.75, np.random.default_rng(seed))
         _, counts = np.unique(mask[top:bottom, left:right], return_counts=True)
         assert len(counts) > 1 and counts.max() / counts.sum() < 0.75
         if first[1] <= 2:
@@ -387,7 +387,9 @@ def test_crop_rejects_a_dominated_crop_when_an_alternative_exists():
             assert (top, left, bottom, right) != first
     assert rejected > 0
     # Only one class anywhere: every draw fails, the last one is kept, in bounds.
-    top, left, bottom, right = sample_crop_box(np.ones((20, 20), np.uint8), (8, 8), 0.75, np.random.default_rng(0))
+    top, left, bottom, right = cat_max_ratio_crop_box(
+        np.ones((20, 20), np.uint8), (8, 8), 0.75, np.random.default_rng(0)
+    )
     assert 0 <= top and bottom - top == 8 and right - left == 8 and bottom <= 20 and right <= 20
 
 
@@ -398,9 +400,9 @@ def test_crop_ignores_ignore_pixels():
     mask[:, 6:9] = 255
     mask[:, 9] = 1
     mask[:, 10:] = np.where(np.arange(10) % 2, 1, 2)
-    seed = next(s for s in range(1000) if sample_crop_box(mask, (4, 10), 1.0, np.random.default_rng(s))[1] == 0)
-    assert sample_crop_box(mask, (4, 10), 0.75, np.random.default_rng(seed))[1] != 0
-    assert sample_crop_box(mask, (4, 10), 0.75, np.random.default_rng(seed), ignore_index=-1)[1] == 0
+    seed = next(s for s in range(1000) if cat_max_ratio_crop_box(mask, (4, 10), 1.0, np.random.default_rng(s))[1] == 0)
+    assert cat_max_ratio_crop_box(mask, (4, 10), 0.75, np.random.default_rng(seed))[1] != 0
+    assert cat_max_ratio_crop_box(mask, (4, 10), 0.75, np.random.default_rng(seed), ignore_index=-1)[1] == 0
 
 
 def test_photometric_distortion_known_values():

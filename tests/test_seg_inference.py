@@ -390,3 +390,25 @@ def test_bad_test_scale_raises():
         SegmentationInference(test_scale=(0, 512))
     with pytest.raises(ValueError, match="square window"):
         SegmentationInference(mode="slide", window=(32, 64), stride=16, test_scale=ADE_SCALE)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(mode="whole"),
+        dict(mode="slide", window=8, stride=6),
+        dict(mode="slide", window=8, stride=6, test_scale=(40, 20), scales=(0.5, 1.0), flip=True),
+    ],
+)
+def test_settings_are_checked_once_when_built_and_each_models_output_once(monkeypatch, settings):
+    import loca_lightning.segmentation.inference as inference
+
+    config = SegmentationInference(**settings)  # checks window, stride, scales and batch size here
+    checked, logits_checked = [], []
+    check_logits = inference._check_logits
+    monkeypatch.setattr(inference, "check_window", lambda *a, **k: checked.append(a), raising=False)
+    monkeypatch.setattr(inference, "_check_logits", lambda *a: (logits_checked.append(a), check_logits(*a)))
+    model = _Recorder(_pointwise_model())
+    config(model, torch.rand(2, 3, 13, 11), NUM_CLASSES)
+    assert checked == []  # not again per call
+    assert len(logits_checked) == len(model.calls) > 0  # every model output once, not once more by its caller

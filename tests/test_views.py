@@ -15,7 +15,7 @@ from loca_lightning.pretrain.views import (
     LOCAViews,
     crop_resize,
     position_targets,
-    sample_crop_box,
+    random_resized_crop_box,
 )
 
 IMAGE_SHAPES = [(375, 500), (500, 333), (64, 64), (40, 90), (17, 23)]  # incl. smaller than the outputs
@@ -36,7 +36,7 @@ def test_crop_boxes_stay_in_range(shape, scale):
     rng = np.random.default_rng(0)
     min_area, max_area = scale[0] * height * width, scale[1] * height * width
     for _ in range(500):
-        y0, x0, h, w = sample_crop_box(rng, height, width, scale, ratio)
+        y0, x0, h, w = random_resized_crop_box(rng, height, width, scale, ratio)
         assert all(isinstance(v, int) for v in (y0, x0, h, w))
         if (y0, x0, h, w) == (0, 0, height, width):
             continue  # the fallback (or a legitimate whole-image crop)
@@ -52,7 +52,7 @@ def test_crop_boxes_stay_in_range(shape, scale):
 def test_crop_sampler_is_uniform_in_aspect_and_covers_the_height_range():
     rng = np.random.default_rng(1)
     height, width, scale, ratio = 2000, 2000, (0.05, 0.32), (0.75, 1.33)
-    boxes = np.array([sample_crop_box(rng, height, width, scale, ratio) for _ in range(4000)])
+    boxes = np.array([random_resized_crop_box(rng, height, width, scale, ratio) for _ in range(4000)])
     aspects = boxes[:, 3] / boxes[:, 2]
     # uniform mean (1.04) vs torchvision's log-uniform mean (1.012); standard error ~0.003
     assert abs(aspects.mean() - sum(ratio) / 2) < 0.01
@@ -64,13 +64,13 @@ def test_crop_sampler_is_uniform_in_aspect_and_covers_the_height_range():
 def test_crop_sampler_falls_back_to_the_whole_image():
     rng = np.random.default_rng(0)
     # an aspect of 3-4 cannot cover 90% of a square image
-    assert sample_crop_box(rng, 50, 50, (0.9, 1.0), (3.0, 4.0)) == (0, 0, 50, 50)
-    assert sample_crop_box(rng, 50, 70, (0.05, 0.1), (0.75, 1.33), max_tries=0) == (0, 0, 50, 70)
+    assert random_resized_crop_box(rng, 50, 50, (0.9, 1.0), (3.0, 4.0)) == (0, 0, 50, 50)
+    assert random_resized_crop_box(rng, 50, 70, (0.05, 0.1), (0.75, 1.33), max_tries=0) == (0, 0, 50, 70)
 
 
 def test_full_area_crop_is_the_whole_image():
     rng = np.random.default_rng(0)
-    assert sample_crop_box(rng, 64, 64, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 64, 64)
+    assert random_resized_crop_box(rng, 64, 64, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 64, 64)
 
 
 # ------------------------------------------------------------------ position targets
@@ -115,9 +115,9 @@ def release_mask_targets(image_shape, query_box, query_size, flipped, reference_
 
 def random_case(rng, shape, query_size, reference_size, patch_size):
     height, width = shape
-    reference_box = sample_crop_box(rng, height, width, (0.32, 1.0), (0.75, 1.33))
+    reference_box = random_resized_crop_box(rng, height, width, (0.32, 1.0), (0.75, 1.33))
     scale = (0.05, 0.32) if rng.random() < 0.5 else (0.32, 1.0)
-    query_box = sample_crop_box(rng, height, width, scale, (0.75, 1.33))
+    query_box = random_resized_crop_box(rng, height, width, scale, (0.75, 1.33))
     return query_box, query_size, bool(rng.random() < 0.5), reference_box, reference_size, patch_size
 
 
@@ -152,8 +152,8 @@ def test_each_labelled_patch_centre_lies_in_its_reference_cell(shape, flip_prob)
     for size, grid_ref, patch in [(96, 14, 16), (224, 14, 16), (32, 6, 8)]:
         reference_size = grid_ref * patch
         for _ in range(10):
-            ry, rx, rh, rw = ref_box = sample_crop_box(rng, height, width, (0.32, 1.0), (0.75, 1.33))
-            box = sample_crop_box(rng, height, width, (0.05, 1.0), (0.75, 1.33))
+            ry, rx, rh, rw = ref_box = random_resized_crop_box(rng, height, width, (0.32, 1.0), (0.75, 1.33))
+            box = random_resized_crop_box(rng, height, width, (0.05, 1.0), (0.75, 1.33))
             flip = rng.random() < flip_prob
             view = crop_resize(coords, box, size, flip, interpolation=cv2.INTER_NEAREST_EXACT)  # [S, S, 2]
             targets = position_targets(box, size, flip, ref_box, reference_size, patch)

@@ -1,7 +1,7 @@
 """LOCA pretraining data: a Dataset of views over image files or synthetic scenes, and its DataModule.
 
-Per-item randomness comes from a numpy Generator seeded with (seed, epoch, index): a run is reproducible
-whatever the number of workers or processes, and every item and epoch gets its own draws. The epoch lives
+Per-item randomness comes from a numpy Generator seeded with (seed, epoch, index) (``resumable.item_rng``): a run is
+reproducible whatever the number of workers or processes, and every item and epoch gets its own draws. The epoch lives
 in shared memory that the loader sets each time an epoch's iteration starts, so persistent workers see it
 without being restarted; the loader and the DataModule resume mid-epoch exactly (``data/resumable.py``).
 """
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
-from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch
+from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch, item_rng
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.malloc import keep_freed_memory
 from loca_lightning.pretrain.views import LOCAViews
@@ -100,8 +100,7 @@ class LOCAPretrainDataset(Dataset):
                         "looks broken (see the warnings above for the files and reasons)"
                     ) from error
                 position = (position + 1) % len(self.source)
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        item = self.views(image, rng)
+        item = self.views(image, item_rng(self.seed, self.epoch, index))
         item["num_skipped"] = skipped
         return item
 
@@ -173,7 +172,7 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
 
     @property
     def views(self) -> LOCAViews:
-        """The view sampler (sizes, patch size and grids are read from it by the LightningModule)."""
+        """The view sampler (its sizes and patch size are checked against the model's in :meth:`setup`)."""
         return self._views
 
     def _source(self) -> Sequence[Path] | SyntheticScenes:

@@ -7,8 +7,10 @@ What decides a batch, and where it comes back from after a restart:
 - where in the epoch: the epoch and the number of batches already trained on are stored in the checkpoint (by the
   DataModule, :class:`ResumableTrainData`, and by the loader's own ``state_dict``); the resumed iterator skips those
   batches at the sampler level, without loading them;
-- each item's random draws: datasets derive them from :func:`item_seed` ``(seed, epoch, index)``, so no worker's
-  random stream has to be saved: an item is the same whichever worker, process or run produces it.
+- each item's random draws: datasets derive them from ``(seed, epoch, index)`` alone, through one numpy
+  ``SeedSequence`` (:func:`item_rng`: a Generator, for pretraining's views; :func:`item_seed`: an integer, for
+  segmentation's albumentations pipelines, which also take a ``random.Random``), so no worker's random stream has to
+  be saved: an item is the same whichever worker, process or run produces it.
 
 Why the DataModule carries the position too: a module whose ``configure_optimizers`` reads
 ``trainer.estimated_stepping_batches`` (both of ours: their schedules need the step count) makes Lightning build the
@@ -29,9 +31,20 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 
+def item_sequence(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+    """The root of item ``index``'s random draws in ``epoch`` (independent streams for each triple)."""
+    return np.random.SeedSequence((int(seed), int(epoch), int(index)))
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for the random draws of item ``index`` in ``epoch`` (independent streams for each triple)."""
-    return int(np.random.SeedSequence((int(seed), int(epoch), int(index))).generate_state(2, np.uint64)[0] >> 1)
+    """A 63-bit integer seed for the random draws of item ``index`` in ``epoch``, from :func:`item_sequence`."""
+    return int(item_sequence(seed, epoch, index).generate_state(2, np.uint64)[0] >> 1)
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """A numpy Generator for the random draws of item ``index`` in ``epoch``, from :func:`item_sequence` (the same
+    stream as ``np.random.default_rng((seed, epoch, index))``)."""
+    return np.random.default_rng(item_sequence(seed, epoch, index))
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:

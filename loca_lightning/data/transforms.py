@@ -27,7 +27,7 @@ def rescale_size(height: int, width: int, ratio: float, base_size: tuple[int, in
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def sample_crop_box(
+def cat_max_ratio_crop_box(
     mask: np.ndarray,
     crop_size: tuple[int, int],
     cat_max_ratio: float,
@@ -124,7 +124,7 @@ class RandomRescale(DualTransform):
 
 
 class CatMaxRatioCrop(DualTransform):
-    """Random crop of at most ``crop_size`` that rejects crops dominated by one class (see sample_crop_box)."""
+    """Random crop of at most ``crop_size`` that rejects crops dominated by one class (see cat_max_ratio_crop_box)."""
 
     def __init__(
         self, crop_size: tuple[int, int], cat_max_ratio: float = 0.75, ignore_index: int = 255, p: float = 1.0
@@ -135,7 +135,7 @@ class CatMaxRatioCrop(DualTransform):
         self.ignore_index = ignore_index
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        box = sample_crop_box(
+        box = cat_max_ratio_crop_box(
             data["mask"], self.crop_size, self.cat_max_ratio, self.random_generator, self.ignore_index
         )
         return {"box": box}

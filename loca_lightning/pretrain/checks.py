@@ -7,8 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from loca_lightning.nonfinite import POLICIES as NONFINITE_POLICIES
 from loca_lightning.optim import param_groups
 from loca_lightning.pretrain.heads import check_prototype_precision
+from loca_lightning.pretrain.masks import REFERENCE_MASKS
 from loca_lightning.pretrain.networks import QKV_BIASES
 from loca_lightning.pretrain.performance import check_compile_scope
 
@@ -29,9 +31,9 @@ def check_hparams(hp: Mapping[str, Any]) -> None:
             f"need 0 <= momentum_base <= momentum_final <= 1, got {hp['momentum_base']}, {hp['momentum_final']}"
         )
     choices = {
-        "reference_mask": ("consecutive", "unstructured", "first"),
+        "reference_mask": REFERENCE_MASKS,
         "init": ("release", "timm"),
-        "on_nonfinite": ("stop", "skip"),
+        "on_nonfinite": NONFINITE_POLICIES,
     }
     for name, allowed in choices.items():
         if hp[name] not in allowed:

@@ -7,12 +7,13 @@ devices share a batch).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-ReferenceMask = Literal["consecutive", "unstructured", "first"]
+ReferenceMask = Literal["consecutive", "unstructured", "first"]  # the choices of the module's reference_mask
+REFERENCE_MASKS: tuple[str, ...] = get_args(ReferenceMask)
 
 
 def band_keep_index(
@@ -30,7 +31,7 @@ def band_keep_index(
         return random_keep_index(batch, num_tokens, keep, device, generator)
     if mode == "first":
         return torch.arange(keep, device=device).expand(batch, -1)
-    raise ValueError(f"reference_mask must be 'consecutive', 'unstructured' or 'first', got {mode!r}")
+    raise ValueError(f"reference_mask must be one of {REFERENCE_MASKS}, got {mode!r}")
 
 
 def random_keep_index(

@@ -19,11 +19,12 @@ from torch import Tensor
 from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.loading import load_module_weights
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
-from loca_lightning.nonfinite import NonFiniteGuard
+from loca_lightning.nonfinite import NonFiniteGuard, Policy
 from loca_lightning.normalize import Normalize
 from loca_lightning.optim import ema_momentum, ema_update, param_groups, warmup_cosine_optimization
 from loca_lightning.pretrain import losses, masks, performance
 from loca_lightning.pretrain.checks import check_batch, check_hparams, migrate_checkpoint
+from loca_lightning.pretrain.masks import ReferenceMask
 from loca_lightning.pretrain.networks import QKV_BIASES, LOCATeacher, build_student
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.weights_files import check_activation
@@ -57,7 +58,7 @@ class LOCAPretrainModule(L.LightningModule):
         drop_path_rate: float = 0.1,
         shared_drop_path: bool = True,
         reference_size: int = 224,
-        reference_mask: Literal["consecutive", "unstructured", "first"] = "consecutive",
+        reference_mask: ReferenceMask = "consecutive",
         reference_keep_ratio: float = 0.2,
         query_keep: int = 70,
         apply_cluster_loss: bool = True,
@@ -80,7 +81,7 @@ class LOCAPretrainModule(L.LightningModule):
         warmup_epochs: float = 15.0,
         final_lr_ratio: float = 0.01,
         optimizer: Callable[[Iterable], torch.optim.Optimizer] = torch.optim.AdamW,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
+        on_nonfinite: Policy = "stop",
         compile: bool | Literal["blocks", "all"] = False,
         init: Literal["release", "timm"] = "release",
         init_weights: str | None = None,

@@ -72,7 +72,7 @@ def _try_crop(
     return y0, x0, crop_h, crop_w
 
 
-def sample_crop_box(
+def random_resized_crop_box(
     rng: np.random.Generator,
     height: int,
     width: int,
@@ -249,7 +249,7 @@ class LOCAViews:
 
     Defaults are the released ImageNet recipe (ratio upper bound 1.33 as in TensorFlow's default
     ``aspect_ratio_range``); outputs are CHW uint8 (normalised on the accelerator) unless ``normalize``.
-    The albumentations pipelines are built once and re-seeded per call: use one instance per thread.
+    The photometric chains are built once and hold no random state: every draw comes from the ``rng`` of the call.
     """
 
     def __init__(
@@ -365,9 +365,9 @@ class LOCAViews:
         image = np.ascontiguousarray(image)  # OpenCV takes row windows of a C-ordered array without a copy
         height, width = image.shape[:2]
         # Geometry first, so that boxes and flips for a given rng state do not depend on the photometrics.
-        ref_box = sample_crop_box(rng, height, width, self.reference_scale, self.ratio, self.max_tries)
+        ref_box = random_resized_crop_box(rng, height, width, self.reference_scale, self.ratio, self.max_tries)
         scales = [self.query_scale] + [self.focal_scale] * self.num_focal
-        boxes = [sample_crop_box(rng, height, width, scale, self.ratio, self.max_tries) for scale in scales]
+        boxes = [random_resized_crop_box(rng, height, width, scale, self.ratio, self.max_tries) for scale in scales]
         flips = [bool(flip) for flip in rng.random(len(boxes)) < self.flip_prob]
         ref_pipeline, large_pipeline, focal_pipeline = self._pipelines
         dtype = np.float32 if self.normalize else np.uint8

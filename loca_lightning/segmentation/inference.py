@@ -57,6 +57,42 @@ def _check_logits(logits: Tensor, batch: int, num_classes: int | None, size: tup
         raise ValueError(f"model returned {logits.shape[1]} channels, expected num_classes={num_classes}")
 
 
+Pair = tuple[int, int]
+
+
+def check_window(
+    mode: str, window: int | Sequence[int] | None, stride: int | Sequence[int] | None, square: bool = False
+) -> tuple[Pair, Pair] | None:
+    """The ``(window, stride)`` of ``mode='slide'`` as (h, w) pairs, checked (present, positive, stride <= window,
+    ``square`` when the test-scale protocol upsamples a short side to the window); None for ``mode='whole'``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "whole":
+        return None
+    if window is None or stride is None:
+        raise ValueError("mode='slide' needs window and stride")
+    win, step = _pair(window, "window"), _pair(stride, "stride")
+    if step[0] > win[0] or step[1] > win[1]:
+        raise ValueError(f"stride {step} larger than window {win} leaves pixels uncovered")
+    if square and win[0] != win[1]:
+        raise ValueError(
+            f"test_scale needs a square window (Segmenter upsamples a short side below it), got {window!r}"
+        )
+    return win, step
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in scales)
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales!r}")
+    return scales
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 # ---------------------------------------------------------------------------------------------- sizes and resizing
 def view_size(height: int, width: int, test_scale: Sequence[int] | None, ratio: float = 1.0) -> tuple[int, int]:
     """The (h, w) an image of (height, width) is resized to for one scale ``ratio``, as MMSegmentation computes it.
@@ -114,11 +150,19 @@ def rescaled_inference(run: Callable[[Tensor], Tensor], image: Tensor, size: Seq
 
 
 # ---------------------------------------------------------------------------------------------- modes
-def whole_inference(model: Model, image: Tensor) -> Tensor:
-    """Run the model once on the full image: [B, 3, H, W] -> logits [B, C, H, W]."""
+# The public functions check their arguments once, then run the unchecked ones below (``_``-prefixed), which
+# SegmentationInference also calls with the arguments it checked when it was built.
+
+
+def whole_inference(model: Model, image: Tensor, num_classes: int | None = None) -> Tensor:
+    """Run the model once on the full image: [B, 3, H, W] -> logits [B, C, H, W] (C checked when ``num_classes``)."""
     _check_image(image)
+    return _whole(model, image, num_classes)
+
+
+def _whole(model: Model, image: Tensor, num_classes: int | None) -> Tensor:
     logits = model(image)
-    _check_logits(logits, image.shape[0], None, tuple(image.shape[-2:]))
+    _check_logits(logits, image.shape[0], num_classes, tuple(image.shape[-2:]))
     return logits
 
 
@@ -146,12 +190,14 @@ def slide_window_sum(
     up to the window when it is smaller.
     """
     _check_image(image)
-    win_h, win_w = _pair(window, "window")
-    str_h, str_w = _pair(stride, "stride")
-    if str_h > win_h or str_w > win_w:
-        raise ValueError(f"stride {(str_h, str_w)} larger than window {(win_h, win_w)} leaves pixels uncovered")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
+    return _slide_window_sum(model, image, *check_window("slide", window, stride), num_classes, batch_size)
+
+
+def _slide_window_sum(
+    model: Model, image: Tensor, window: Pair, stride: Pair, num_classes: int, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    (win_h, win_w), (str_h, str_w) = window, stride
     batch, _, height, width = image.shape
     pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
     if pad_h or pad_w:
@@ -188,8 +234,14 @@ def slide_inference(
     batch_size: int = 8,
 ) -> Tensor:
     """Sliding-window logits [B, C, H, W]: overlapping windows averaged, run ``batch_size`` at a time."""
+    _check_image(image)
+    _check_batch_size(batch_size)
+    return _slide(model, image, *check_window("slide", window, stride), num_classes, batch_size)
+
+
+def _slide(model: Model, image: Tensor, window: Pair, stride: Pair, num_classes: int, batch_size: int) -> Tensor:
     height, width = image.shape[-2:]
-    logit_sum, count = slide_window_sum(model, image, window, stride, num_classes, batch_size)
+    logit_sum, count = _slide_window_sum(model, image, window, stride, num_classes, batch_size)
     return (logit_sum / count)[:, :, :height, :width]
 
 
@@ -217,8 +269,23 @@ def multiscale_flip_inference(
     is the prediction and its softmax is the averaged probability.
     """
     _check_image(image)
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales!r}")
+    _check_batch_size(batch_size)
+    windows = check_window(mode, window, stride, square=test_scale is not None)
+    scales = _check_scales(scales)
+    return _multiscale_flip(model, image, scales, flip, windows, num_classes, batch_size, test_scale, normalize)
+
+
+def _multiscale_flip(
+    model: Model,
+    image: Tensor,
+    scales: tuple[float, ...],
+    flip: bool,
+    windows: tuple[Pair, Pair] | None,
+    num_classes: int,
+    batch_size: int,
+    test_scale: Sequence[int] | None,
+    normalize: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
     height, width = image.shape[-2:]
     prob_sum = image.new_zeros((image.shape[0], num_classes, height, width), dtype=torch.float32)
     views = 0
@@ -229,7 +296,7 @@ def multiscale_flip_inference(
             def run(view: Tensor, flipped: bool = flipped) -> Tensor:
                 view = view.flip(-1) if flipped else view
                 view = normalize(view) if normalize is not None else view
-                return _view_scores(model, view, mode, window, stride, num_classes, batch_size, test_scale is not None)
+                return _view_scores(model, view, windows, num_classes, batch_size, test_scale is not None)
 
             scores = rescaled_inference(run, image, size).float()
             if flipped:
@@ -243,29 +310,19 @@ def multiscale_flip_inference(
 def _view_scores(
     model: Model,
     image: Tensor,
-    mode: str,
-    window: int | Sequence[int] | None,
-    stride: int | Sequence[int] | None,
+    windows: tuple[Pair, Pair] | None,
     num_classes: int,
     batch_size: int,
     upsample_to_window: bool,
 ) -> Tensor:
-    """Scores of one (resized, normalised) view; with ``upsample_to_window`` (the test-scale protocol), a slide view
-    whose short side is below the window is first upsampled to it, and the scores come back at that size."""
-    if upsample_to_window and mode == "slide" and window is not None:
-        win_h, win_w = _pair(window, "window")
-        if win_h != win_w:
-            raise ValueError(f"upsampling to the window (test-scale protocol) needs a square window, got {window!r}")
-        image = resize_image(image, window_cover_size(image.shape[-2], image.shape[-1], win_h))
-    if mode == "whole":
-        logits = whole_inference(model, image)
-        _check_logits(logits, image.shape[0], num_classes, tuple(image.shape[-2:]))
-        return logits
-    if mode == "slide":
-        if window is None or stride is None:
-            raise ValueError("mode='slide' needs window and stride")
-        return slide_inference(model, image, window, stride, num_classes, batch_size)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """Scores of one (resized, normalised) view: whole (``windows`` None) or sliding ``windows`` = (window, stride)
+    from :func:`check_window`. With ``upsample_to_window`` (the test-scale protocol, square windows), a view whose
+    short side is below the window is first upsampled to it, and the scores come back at that size."""
+    if windows is None:
+        return _whole(model, image, num_classes)
+    if upsample_to_window:
+        image = resize_image(image, window_cover_size(image.shape[-2], image.shape[-1], windows[0][0]))
+    return _slide(model, image, *windows, num_classes, batch_size)
 
 
 @dataclass
@@ -287,25 +344,11 @@ class SegmentationInference:
     test_scale: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "slide":
-            if self.window is None or self.stride is None:
-                raise ValueError("mode='slide' needs window and stride")
-            win, stride = _pair(self.window, "window"), _pair(self.stride, "stride")
-            if stride[0] > win[0] or stride[1] > win[1]:
-                raise ValueError(f"stride {stride} larger than window {win} leaves pixels uncovered")
-            if self.test_scale is not None and win[0] != win[1]:
-                raise ValueError(
-                    f"test_scale needs a square window (Segmenter upsamples a short side below it), got {self.window!r}"
-                )
         if self.test_scale is not None:
             self.test_scale = _pair(tuple(self.test_scale), "test_scale")
-        self.scales = tuple(float(s) for s in self.scales)
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be a non-empty sequence of positive floats, got {self.scales!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._windows = check_window(self.mode, self.window, self.stride, square=self.test_scale is not None)
+        self.scales = _check_scales(self.scales)
+        _check_batch_size(self.batch_size)
 
     @property
     def is_single_view(self) -> bool:
@@ -322,14 +365,12 @@ class SegmentationInference:
         """
         _check_image(image)
         if not self.is_single_view:
-            return multiscale_flip_inference(
+            return _multiscale_flip(
                 model,
                 image,
                 self.scales,
                 self.flip,
-                self.mode,
-                self.window,
-                self.stride,
+                self._windows,
                 num_classes,
                 self.batch_size,
                 self.test_scale,
@@ -339,9 +380,7 @@ class SegmentationInference:
 
         def run(view: Tensor) -> Tensor:
             view = normalize(view) if normalize is not None else view
-            return _view_scores(
-                model, view, self.mode, self.window, self.stride, num_classes, self.batch_size, upsample
-            )
+            return _view_scores(model, view, self._windows, num_classes, self.batch_size, upsample)
 
         size = view_size(image.shape[-2], image.shape[-1], self.test_scale)
         return rescaled_inference(run, image, size)
