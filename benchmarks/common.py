@@ -6,20 +6,21 @@ How FLOPs are counted is written in ``benchmarks/README.md`` and in :func:`loca_
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor
 
-from loca_lightning.optim import ema_update, param_groups
 from loca_lightning.pretrain.masks import query_keep_count
 from loca_lightning.pretrain.module import LOCAPretrainModule
-from loca_lightning.pretrain.networks import QKV_BIASES
 
 # The released geometry (scenic/projects/loca/configs/loca_imnet1k_base16.py): 224 px reference and large query, nine 96 px focal queries.
 RELEASED = dict(reference_size=224, query_size=224, focal_size=96, num_focal=9)
@@ -179,12 +180,31 @@ def synthetic_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class TrainStep:
-    """One optimisation step of a LOCAPretrainModule as Lightning's automatic optimisation runs it.
+class RecipeTrainer:
+    """What a LOCAPretrainModule reads of its Trainer, for one process without Lightning's loop: the batch size and
+    step count (``configure_optimizers``), the step index (``optimizer_step``), the precision plugin (gradient
+    clipping), and ``barebones`` (``self.log`` returns at once, so the loop's own cost is left out)."""
 
-    ``training_step`` under autocast (``bf16-mixed``) or not (``32``), backward, gradient-norm clip, AdamW
-    (fused or foreach, with the module's parameter groups), zero_grad, then the teacher's EMA update as in
-    ``LOCAPretrainModule.optimizer_step``. No Trainer: ``self.log`` calls return early, so Lightning's own loop cost is left out.
+    barebones = True
+    world_size = accumulate_grad_batches = max_epochs = 1
+    global_rank = 0
+    gradient_clip_val = gradient_clip_algorithm = None
+
+    def __init__(self, module: LOCAPretrainModule, batch_size: int, steps: int = 10_000) -> None:
+        self.datamodule = SimpleNamespace(batch_size=batch_size)
+        self.estimated_stepping_batches = self.num_training_batches = steps
+        self.model = module
+        self.precision_plugin = Precision()
+        self.global_step = 0
+
+
+class TrainStep:
+    """One optimisation step of a LOCAPretrainModule as Lightning's automatic optimisation runs it, through the
+    module's own code: its ``configure_optimizers`` (parameter groups, AdamW, fused or foreach), and its
+    ``optimizer_step`` around a closure of ``training_step`` under autocast (``bf16-mixed``) or not (``32``),
+    backward and the module's gradient clipping; the teacher's EMA update follows inside ``optimizer_step``.
+    No Trainer loop (:class:`RecipeTrainer`), so Lightning's own loop cost is left out. The lr is fixed at ``lr``:
+    the schedule changes no cost.
     """
 
     def __init__(
@@ -200,13 +220,14 @@ class TrainStep:
             raise ValueError(f"precision must be 'bf16-mixed' or '32', got {precision!r}")
         self.module, self.batch, self.precision, self.clip = module, batch, precision, clip
         self.device = batch["reference"].device
-        groups = param_groups(module.student, module.hparams.weight_decay, decay_suffixes=QKV_BIASES)
-        for group in groups:
-            group.pop("names")
-        kind = {"fused": True} if fused else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **kind)
-        self.params = [p for g in groups for p in g["params"]]
-        module.total_steps = 10_000
+        module.optimizer_factory = functools.partial(
+            torch.optim.AdamW, **({"fused": True} if fused else {"foreach": True})
+        )
+        module.trainer = self.trainer = RecipeTrainer(module, batch["reference"].shape[0])
+        self.optimizer = module.configure_optimizers()["optimizer"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def autocast(self):
         """The autocast context of Lightning's precision plugin."""
@@ -215,17 +236,22 @@ class TrainStep:
         return nullcontext()
 
     def __call__(self, step: int) -> Tensor:
-        module = self.module
-        with self.autocast():
-            loss = module.training_step(self.batch, step)
-        loss.backward()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        self.optimizer.step()
+        module, losses = self.module, []
+        self.trainer.global_step = step
+
+        def closure() -> Tensor:
+            with self.autocast():
+                loss = module.training_step(self.batch, step)
+            loss.backward()
+            module.on_after_backward()
+            if self.clip is not None:
+                module.configure_gradient_clipping(self.optimizer, self.clip, "norm")
+            losses.append(loss)
+            return loss
+
+        module.optimizer_step(0, step, self.optimizer, closure)  # the optimizer's step, then the teacher's EMA
         self.optimizer.zero_grad(set_to_none=True)
-        if module.teacher is not None:
-            ema_update(*module.teacher.ema_pairs(module.student), module.momentum_at(step))
-        return loss
+        return losses[0]
 
     def backbone_only(self, step: int) -> None:
         """The step's encoder work alone (teacher on the reference, student on both queries, backward through

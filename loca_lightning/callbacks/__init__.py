@@ -8,8 +8,7 @@ nor the datasets.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loca_lightning import lazy_attributes
 
 _EXPORTS = {
     "LOCAImageLogger": "loca_lightning.callbacks.images",
@@ -25,15 +24,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'loca_lightning.callbacks' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

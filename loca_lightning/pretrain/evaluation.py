@@ -34,7 +34,7 @@ def location_accuracy(model, views, images: Sequence[np.ndarray], seed: int = 0,
                 large_keep = model.select_query_keep(size, batch["target_large"].shape[1])  # [B, Kq]
                 queries = (model.normalize(batch["query_large"]), model.normalize(batch["query_focal"]))
                 tokens = model.encode_queries(*queries, large_keep)  # [B, Q, D]
-                target = torch.cat([batch["target_large"].gather(1, large_keep), batch["target_focal"].flatten(1)], 1)
+                target = model.query_targets(batch["target_large"], batch["target_focal"], large_keep)  # [B, Q]
                 logits = model.student.location_head(tokens, keys)  # [B, Q, P]
                 count = float((target >= 0).sum())
                 hits += float(batch_accuracy(logits, target)) * count

@@ -141,7 +141,7 @@ class LOCAPretrainModule(L.LightningModule):
         reference_keys, reference_targets = self.encode_reference(reference, reference_keep, drop_path)
         query_large, query_focal = self.normalize(batch["query_large"]), self.normalize(batch["query_focal"])
         query_tokens = self.encode_queries(query_large, query_focal, large_keep, drop_path)  # [B, Q, D]
-        target = torch.cat([target_large.gather(1, large_keep), target_focal.flatten(1)], dim=1)  # [B, Q]
+        target = self.query_targets(target_large, target_focal, large_keep)  # [B, Q]
         out = self.compute_losses(query_tokens, reference_keys, reference_targets, target)
 
         self.last_step = {
@@ -195,6 +195,12 @@ class LOCAPretrainModule(L.LightningModule):
         focal_drop = self.drop_path_scales(batch * num_focal)  # focal queries skip blocks of their own
         focal = backbone(query_focal.flatten(0, 1), use_pos_embed=use_pos, drop_path=focal_drop)  # [B*F, Nf, D]
         return torch.cat([large, focal.reshape(batch, -1, focal.shape[-1])], dim=1)
+
+    @staticmethod
+    def query_targets(target_large: Tensor, target_focal: Tensor, large_keep: Tensor) -> Tensor:
+        """Targets ``[B, Kq + F*Nf]`` of the query tokens in :meth:`encode_queries`' order: the kept large-query
+        tokens' (``target_large`` [B, Nl] at ``large_keep``), then every focal token's (``target_focal`` [B, F, Nf])."""
+        return torch.cat([target_large.gather(1, large_keep), target_focal.flatten(1)], dim=1)
 
     def compute_losses(
         self, query_tokens: Tensor, reference_keys: Tensor, reference_targets: Tensor | None, target: Tensor

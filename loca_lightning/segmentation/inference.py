@@ -58,6 +58,7 @@ def _check_logits(logits: Tensor, batch: int, num_classes: int | None, size: tup
 
 
 Pair = tuple[int, int]
+Size = int | Sequence[int]  # one side for both, or (h, w)
 
 
 def check_window(
@@ -177,12 +178,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def slide_window_sum(
-    model: Model,
-    image: Tensor,
-    window: int | Sequence[int],
-    stride: int | Sequence[int],
-    num_classes: int,
-    batch_size: int = 8,
+    model: Model, image: Tensor, window: Size, stride: Size, num_classes: int, batch_size: int = 8
 ) -> tuple[Tensor, Tensor]:
     """Summed window logits [B, C, H', W'] and per-pixel window counts [1, 1, H', W'] (float32).
 
@@ -226,12 +222,7 @@ def _slide_window_sum(
 
 
 def slide_inference(
-    model: Model,
-    image: Tensor,
-    window: int | Sequence[int],
-    stride: int | Sequence[int],
-    num_classes: int,
-    batch_size: int = 8,
+    model: Model, image: Tensor, window: Size, stride: Size, num_classes: int, batch_size: int = 8
 ) -> Tensor:
     """Sliding-window logits [B, C, H, W]: overlapping windows averaged, run ``batch_size`` at a time."""
     _check_image(image)
