@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINT_PATHS := loca_lightning examples tests benchmarks
+LINT_PATHS := loca_lightning examples tests benchmarks tools
 
 .PHONY: install test demo experiment bench lint clean
 

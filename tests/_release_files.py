@@ -22,9 +22,10 @@ def random_params(
     grid: int = 4,
     projection: tuple[int, int, int] | None = (128, 32, 64),
 ) -> dict:
-    """A params tree of ViT4LOCA with random values everywhere (biases and norms too), float32. The defaults are the
-    sizes of the parity model (2 blocks, width 64, 2 heads, patch 16, 4x4 table, projection 64->128->128->32, 64
-    prototypes, 16 positions)."""
+    """A params tree of ViT4LOCA with random values everywhere (biases and norms too), float32. The defaults have the
+    parity model's depth, heads, patch and 4x4 table (16 positions) at other widths: width 64, MLP 256, projection
+    64->128->128->32, 64 prototypes (the parity fixtures' model is width 20, MLP 80, projection 20->48->48->12, 40
+    prototypes: tests/data/release_parity/README.md)."""
     rng = np.random.default_rng(seed)
     hd = dim // heads
 

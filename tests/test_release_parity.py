@@ -1,6 +1,6 @@
 """Parity with the authors' JAX release on identical weights, inputs and random draws, without JAX.
 
-``tests/data/release_parity`` was written by ``benchmarks/release_parity.py``, which runs the release's own code
+``tests/data/release_parity`` was written by ``python -m tools.release_parity``, which runs the release's own code
 (google-research/scenic, scenic/projects/loca, commit in the files' README): a tiny ``ViTLOCAModel`` (2 blocks, width
 20, patch 16, 64-pixel reference, 16 positions, 48-pixel focal queries on a 3x3 grid), its checkpoint in the trainer's
 format, and ONE real ``loca_train_step`` per objective (full; location-only) and drop-path rate (0; 0.5), with the
