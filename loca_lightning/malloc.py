@@ -2,7 +2,7 @@
 
 Training allocates and frees the same large temporaries every step, and a DataLoader worker the same arrays every
 sample; by default glibc unmaps large blocks and returns freed heap, so the next step or sample page-faults them in
-again (the gain and the memory it costs: benchmarks/README.md, ``run.py --keep-memory both``).
+again (the gain and the memory it costs: docs/performance-history-2026-11.md, ``run.py --keep-memory both``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
     On the CPU under autograd: logits and softmax in float32 (float64 stays float64) with autocast off, the
     probabilities cast to ``v``'s dtype for the product with ``v``: the numerics of flash-attention kernels, as plain
     matmuls. There, under bf16 autocast, SDPA's flash kernel has a slow backward at ViT sequence lengths and its math
-    kernel upcasts q, k, v and both products to float32; this is faster than either (benchmarks/README.md).
+    kernel upcasts q, k, v and both products to float32; this is faster than either (docs/performance-history-2026-11.md).
     Elsewhere (GPUs, or no gradients) ``F.scaled_dot_product_attention`` with torch's kernel choice.
     """
     if q.device.type != "cpu" or not torch.is_grad_enabled():
@@ -248,7 +248,7 @@ class ViT(VisionTransformer):
     def patch_tokens(self, images: Tensor) -> Tensor:
         """Patch embedding ``[B, N, D]``: timm's stride-p convolution computed as one matmul on the image cut into
         patches (same weights, same result up to summation order). With 3 input channels the convolution kernels
-        are slow: on an H100 the matmul form made the ViT-B/16 LOCA step faster (benchmarks/README.md)."""
+        are slow: on an H100 the matmul form made the ViT-B/16 LOCA step faster (docs/performance-history-2026-11.md)."""
         embed = self.patch_embed
         proj = embed.proj
         p = self.patch_size

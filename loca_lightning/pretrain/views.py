@@ -175,7 +175,7 @@ class Photometrics:
 
     Each operation is albumentations' own function, with its parameters drawn from ``rng`` as the matching
     albumentations transform draws them (uniform ranges, a uniform random order). Calling the functions
-    directly skips the transforms' per-call machinery (measured in benchmarks/README.md).
+    directly skips the transforms' per-call machinery (docs/performance-history-2026-11.md).
     Brightness is additive (x + delta * 255), exactly tf.image.random_brightness. The others are the closest
     albumentations ops: contrast pivots on the image's luma mean (release: each channel's own mean),
     saturation blends with the luma image (release: scales HSV saturation), hue shifts OpenCV's 8-bit HSV
