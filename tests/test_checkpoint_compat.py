@@ -1,4 +1,5 @@
-"""A checkpoint written by loca-lightning 0.1.0 (before the module split) still loads, exports and resumes.
+"""A checkpoint written by an earlier state of the code (commit 71ccf7d, before the module split; the version number
+was 0.1.0 then as now) still loads, exports and resumes.
 
 tests/data/loca_pretrain_v0.ckpt: LOCAPretrainModule(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32},
 reference_size=32, num_prototypes=16, projection_hidden_dim=32, projection_dim=8, drop_path_rate=0.1, warmup_epochs=1,

@@ -64,7 +64,8 @@ def check_batch(batch: Mapping[str, Tensor], reference_size: int, num_positions:
 
 
 def migrate_checkpoint(checkpoint: MutableMapping[str, Any], student: nn.Module, weight_decay: float) -> bool:
-    """Bring a checkpoint written before ``query_keep`` and the q/k/v-bias weight decay (version 0.1.0) up to date,
+    """Bring a checkpoint written before ``query_keep`` and the q/k/v-bias weight decay (its hparams name
+    ``query_keep_ratio``; the package version was 0.1.0 then as now) up to date,
     in place; True if it was old. ``query_keep_ratio`` becomes the same count (the large query had as many tokens as
     the reference positions in every recipe of that version); the optimizer state is regrouped so that training
     resumes, now decaying the q/k/v biases as the release does."""

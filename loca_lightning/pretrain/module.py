@@ -304,7 +304,7 @@ class LOCAPretrainModule(L.LightningModule):
         check_activation(mine, "the checkpoint", checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
         if migrate_checkpoint(checkpoint, self.student, self.hparams.weight_decay):
             log.warning(
-                "checkpoint from loca-lightning 0.1.0: query_keep_ratio read as query_keep; q/k/v biases are "
+                "checkpoint written before query_keep (it has query_keep_ratio): read as query_keep; q/k/v biases are "
                 "now weight-decayed as in the release"
             )
         warn_loaded_hparam_changes(checkpoint, self.hparams, "init_weights", "LOCA pretraining")
