@@ -35,7 +35,7 @@ Box = tuple[int, int, int, int]  # (y0, x0, h, w): an integer pixel window of th
 
 
 def _randint(rng: np.random.Generator, n: int) -> int:
-    """Uniform integer in [0, n); ``rng.random()`` is ~10x cheaper than ``rng.integers`` per call."""
+    """Uniform integer in [0, n); ``rng.random()`` costs far less than ``rng.integers`` per call."""
     return min(int(rng.random() * n), n - 1)
 
 
@@ -104,7 +104,7 @@ def crop_resize(
     y0, x0, h, w = box
     view = cv2.resize(image[y0 : y0 + h, x0 : x0 + w], (size, size), interpolation=interpolation)
     if flip:
-        view = cv2.flip(view, 1)  # contiguous, and ~30x faster than copying a [:, ::-1] view
+        view = cv2.flip(view, 1)  # contiguous, and faster than copying a [:, ::-1] view
     return view if view.ndim == 3 else view[:, :, None]  # [size, size, C]; OpenCV drops a single channel
 
 
@@ -350,7 +350,8 @@ class LOCAViews:
             view = pipeline(view, rng)
         if self.normalize:
             view = (view.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
-        planes = list(out)  # [S, S] views of out's channels: cv2.split writes HWC -> CHW ~5x faster than numpy
+        # [S, S] views of out's channels: cv2.split writes HWC -> CHW faster than numpy (performance history in docs/)
+        planes = list(out)
         if cv2.split(view, planes)[0] is not planes[0]:  # OpenCV allocated new planes (dtype mismatch): copy
             np.copyto(out, view.transpose(2, 0, 1))
 
