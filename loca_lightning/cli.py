@@ -138,11 +138,11 @@ class LOCACLI(LightningCLI):
     def predict(self, **kwargs: Any) -> None:
         """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already. Images the
         writer had to skip (unreadable files) make the command's exit status :data:`EXIT_SKIPPED_IMAGES`."""
+        from loca_lightning.callbacks.prediction import SegmentationPredictionWriter
+
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
-        from loca_lightning.callbacks.prediction import SegmentationPredictionWriter
-
         writers = [c for c in self.trainer.callbacks if isinstance(c, SegmentationPredictionWriter)]
         if any(writer.num_skipped for writer in writers):
             self.exit_code = EXIT_SKIPPED_IMAGES
