@@ -46,6 +46,7 @@ T0 = time.monotonic()
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` to stderr with the seconds since the start."""
     print(f"[{time.monotonic() - T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -115,6 +116,7 @@ class Release:
     # ---------------------------------------------------------------- config, model, state as trainer.train
 
     def config(self, apply_cluster_loss: bool, stochastic_depth: float):
+        """The released config (B/16 recipe) with only the tiny sizes, the objective, the drop-path rate and the short schedule changed."""
         c = self.release_config.get_config()  # VARIANT B/16, as released; only sizes change below
         m = c.model
         m.hidden_size = SIZES["hidden_size"]
@@ -143,10 +145,12 @@ class Release:
         return c
 
     def model(self, config):
+        """The release's ``ViTLOCAModel`` for ``config`` and its input metadata."""
         meta_data = {"input_shape": (-1, SIZES["ref_px"], SIZES["ref_px"], 3), "input_dtype": self.jnp.float32}
         return self.vit.ViTLOCAModel(config, meta_data), meta_data
 
     def schedules(self, config):
+        """The release's learning-rate and EMA-momentum schedules, built as ``trainer.train`` builds them."""
         return (
             self.lr_schedules.get_learning_rate_fn(config),
             self.lr_schedules.compound_lr_scheduler(config.momentum_rate),
@@ -184,6 +188,7 @@ class Release:
         return state, int(num_params)
 
     def make_tx(self, config, params):
+        """The release's optimizer: ``optax.inject_hyperparams(optax.adamw)`` decaying every leaf with ``ndim != 1``."""
         learning_rate_fn, _ = self.schedules(config)
         mask = self.jax.tree_util.tree_map(lambda x: x.ndim != 1, params)
         return self.optax.inject_hyperparams(self.optax.adamw)(
@@ -191,6 +196,7 @@ class Release:
         )
 
     def pmapped_step(self, config, model, loss_fn=None, momentum_fn=None):
+        """``trainer.loca_train_step`` under ``jax.pmap`` as ``trainer.train`` runs it (observers may replace the loss and momentum functions)."""
         _, momentum = self.schedules(config)
         return self.jax.pmap(
             functools.partial(
@@ -226,9 +232,11 @@ class Release:
 
     @staticmethod
     def device_batch(batch: dict) -> dict:
+        """The batch with the leading device axis ``pmap`` takes (one device)."""
         return {k: v[None] for k, v in batch.items()}  # one device
 
     def host_state(self, replicated):
+        """The one device's copy of a replicated state, on the host."""
         return self.jax.device_get(self.jax_utils.unreplicate(replicated))
 
     # ---------------------------------------------------------------- the instrumented step
@@ -324,6 +332,7 @@ class Release:
         return self.host_state(new_state), self.jax.device_get(self.jax_utils.unreplicate(metrics)), store
 
     def plain_step(self, config, model, state_host, batch):
+        """The same step without any observer: (new state, metrics)."""
         step_fn = self.pmapped_step(config, model)
         new_state, metrics = step_fn(self.jax_utils.replicate(state_host), self.device_batch(batch))
         return self.host_state(new_state), self.jax.device_get(self.jax_utils.unreplicate(metrics))

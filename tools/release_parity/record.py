@@ -28,6 +28,7 @@ def flat(tree, prefix: str) -> dict:
 
 
 def grad_leaf(tree, flat_key: str):
+    """The leaf of ``tree`` named by a flat key (its first part, the prefix, skipped)."""
     node = tree
     for part in flat_key.split("/")[1:]:
         node = node[part]
@@ -35,6 +36,7 @@ def grad_leaf(tree, flat_key: str):
 
 
 def eval_outputs(release, model, state_host, batch, cluster: bool) -> dict:
+    """Eval-mode (``train=False``) reference features and logits under the teacher and student trees, and the 3x3 positional table."""
     jax = release.jax
     apply = jax.jit(lambda p, x: model.flax_model.apply({"params": p}, x, train=False))
     out = {}
@@ -54,6 +56,7 @@ def eval_outputs(release, model, state_host, batch, cluster: bool) -> dict:
 
 
 def state_arrays(s) -> dict:
+    """A train state as flat arrays: params, ema_params, AdamW moments and counts, hyperparameters, step and key."""
     opt = s.opt_state
     adam = opt.inner_state[0]
     out = {}
@@ -71,6 +74,7 @@ def state_arrays(s) -> dict:
 
 
 def record_run(release, config, before, after, metrics_plain, metrics, cap, batch, cluster):
+    """The arrays and metadata of one observed step (masks, forward outputs, losses, gradients, update), each re-derived and checked."""
     B, T0, T1, n_pos = release.B, SIZES["query_max_seqlen"], release.focal_grid**2, release.n_pos
     F = SIZES["n_focal"]
     checks: dict = {}

@@ -70,6 +70,7 @@ def read_msgpack_plain(path: str):
 
 
 def describe_tree(tree, depth=0, max_depth=3) -> list[str]:
+    """Lines naming the keys, dtypes and shapes of a nested dict, down to ``max_depth``."""
     lines = []
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -86,6 +87,7 @@ def describe_tree(tree, depth=0, max_depth=3) -> list[str]:
 
 
 def schedules_file(release: Release, out_dir):
+    """Write schedules.npz: the release's lr and momentum at steps 0..total_steps."""
     config = release.config(True, 0.0)
     lr_fn, mom_fn = release.schedules(config)
     steps = np.arange(SCHEDULE["total_steps"] + 1, dtype=np.int32)
@@ -116,6 +118,7 @@ def schedules_file(release: Release, out_dir):
 
 
 def run_objective(release: Release, name: str, cluster: bool, out_dir: str, batch: dict, report: dict):
+    """Write one objective's files: warm-up steps, the release's checkpoint, the state file, and one run file per drop-path rate."""
     jax = release.jax
     config0 = release.config(cluster, 0.0)
     model0, _ = release.model(config0)
