@@ -176,3 +176,24 @@ def test_compiled_step_row(monkeypatch):
         {"step": [{**step, "backbone": "vit_tiny_patch16", "peak_rss_mb": 1.0}], "release": [release]}
     )
     assert "compile: all (warmup" in table and "ours bf16-mixed, compile: all: " in table
+
+
+def test_train_step_runs_the_modules_own_optimizer_clipping_and_ema(monkeypatch):
+    module = common.build_module("vit_test_patch16", reference_size=64, **HEADS)
+    batch = common.synthetic_batch(2, torch.device("cpu"), **GEOMETRY)
+    calls = []
+    for hook in ("configure_optimizers", "optimizer_step", "configure_gradient_clipping"):
+        original = getattr(module, hook)
+        monkeypatch.setattr(module, hook, lambda *a, _h=hook, _f=original, **k: (calls.append(_h), _f(*a, **k))[1])
+    step = common.TrainStep(module, batch)
+    step(0)
+    assert calls == [
+        "configure_optimizers",
+        "optimizer_step",
+        "configure_gradient_clipping",
+    ]  # clipping: in the closure
+    assert isinstance(step.optimizer, torch.optim.AdamW) and step.optimizer.defaults["fused"]
+    # the module's parameter groups: q/k/v biases decayed, the other 1-D parameters not
+    decayed = {p for g in step.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    qkv_bias = module.student.backbone.blocks[0].attn.qkv.bias
+    assert qkv_bias in decayed and module.student.backbone.blocks[0].norm1.weight not in decayed
