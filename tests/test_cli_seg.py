@@ -303,7 +303,9 @@ def demo_checkpoint(tmp_path: Path) -> Path:
 
     from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
-    model = SegmentationFinetuneModule(num_classes=9, backbone="vit_pico_patch8", image_size=64, window=64, stride=32)
+    model = SegmentationFinetuneModule(
+        num_classes=9, backbone="vit_pico_patch8", image_size=64, window=64, stride=32, test_scale=None
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
     path = tmp_path / "demo.ckpt"
@@ -372,3 +374,35 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
                 "false",
             ]
         )
+
+
+# ---------------------------------------------------------------------------------------------- finetune a finetuned model
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_a_finetuned_checkpoint_is_pretrained_for_another_dataset(ade_root: Path, tmp_path: Path) -> None:
+    """ADE20K-finetuned weights start a finetuning on the demo's scenes (9 classes, another size) through the CLI with
+    the configs' default ``pretrained_weights: teacher``: the new backbone is the finetuned one, its decoder new."""
+    from loca_lightning.backbones import resize_pos_embed
+    from loca_lightning.cli import LOCACLI
+
+    ckpt_dir = tmp_path / "ade"
+    one_step = ("--trainer.max_steps", "1", "--trainer.logger", "false", "--checkpoint.dirpath", str(ckpt_dir))
+    main(["fit", *ade_args(ade_root, *one_step)])
+    finetuned = ckpt_dir / "last.ckpt"
+    state = torch.load(finetuned, weights_only=True)["state_dict"]
+    demo = [
+        "--config", str(CONFIGS / "demo" / "seg.yaml"), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.backbone", "vit_test_patch16", "--model.init_args.pretrained", str(finetuned),
+        "--data.init_args.num_workers", "0", "--data.init_args.persistent_workers", "false",
+    ]  # fmt: skip
+    model = LOCACLI(args=demo, run=False).model
+    assert model.hparams.pretrained_weights == "teacher"
+    for key, value in model.backbone.state_dict().items():
+        source = state[f"backbone.{key}"]
+        if key == "pos_embed":  # 2x2 grid of the 32-pixel ADE crops -> 4x4 of the demo's 64-pixel crops
+            source = resize_pos_embed(source, (2, 2), (4, 4))
+        assert torch.equal(value, source), key
+    assert model.decoder.head.weight.shape[0] == 9 != state["decoder.head.weight"].shape[0]
+    main(["fit", *demo, "--trainer.max_steps", "1", "--checkpoint.dirpath", str(tmp_path / "demo")])
+    assert (tmp_path / "demo" / "last.ckpt").is_file()

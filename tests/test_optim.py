@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from loca_lightning.optim import ema_momentum, ema_update, param_groups, poly, vit_layer_id, warmup_cosine
+from loca_lightning.ema import ema_momentum, ema_update
+from loca_lightning.lr_schedules import poly, warmup_cosine
+from loca_lightning.param_groups import param_groups, vit_layer_id
 
 
 def test_warmup_cosine_table():

@@ -22,8 +22,9 @@ from loca_lightning.weights_files import CheckpointFileError, read_weights_file
 # Where the backbone lives inside a LOCAPretrainModule / SegmentationFinetuneModule state dict.
 BACKBONE_PREFIXES: dict[str, tuple[str, ...]] = {
     "teacher": ("teacher.backbone.", "teacher_backbone."),
-    "student": ("student.backbone.", "student_backbone.", "backbone."),
+    "student": ("student.backbone.", "student_backbone."),
 }
+FINETUNED_PREFIX = "backbone."  # a finetuned model's only backbone: what either choice means in its checkpoint
 
 # timm architecture names whose defaults match (patch, width, depth, heads); other sizes override a base name.
 _TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
@@ -50,25 +51,31 @@ def load_weights_file(path: str | os.PathLike, trust: bool = False) -> Mapping[s
     return checkpoint
 
 
-def extract_backbone_state_dict(checkpoint: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
-    """The backbone's state dict from a LOCA/segmentation checkpoint, a ``{"state_dict"|"model": ...}`` wrapper,
-    or a plain timm-format state dict (returned as is)."""
+def extract_backbone_state_dict(
+    checkpoint: Mapping[str, Any], which: str = "teacher", key: str = "which"
+) -> dict[str, Tensor]:
+    """The backbone's state dict from a LOCA checkpoint (its ``which`` backbone), a finetuned checkpoint (its only
+    backbone, whichever ``which``), a ``{"state_dict"|"model": ...}`` wrapper, or a plain timm-format state dict
+    (returned as is). ``key`` names the setting that chose ``which``, for the messages."""
     if which not in BACKBONE_PREFIXES:
-        raise ValueError(f"which must be one of {sorted(BACKBONE_PREFIXES)}, got {which!r}")
+        raise ValueError(f"{key} must be one of {sorted(BACKBONE_PREFIXES)}, got {which!r}")
     state = checkpoint
     for wrapper in ("state_dict", "model", "module"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
             break
-    for prefix in BACKBONE_PREFIXES[which]:
+    for prefix in (*BACKBONE_PREFIXES[which], FINETUNED_PREFIX):
         found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if found:
+        if found and (prefix != FINETUNED_PREFIX or which == "student" or not _has(state, "student")):
             return found
-    if which == "teacher":
-        other = [p for p in BACKBONE_PREFIXES["student"] if any(k.startswith(p) for k in state)]
-        if other and not any(k.startswith("teacher") for k in state):
-            raise KeyError(f"the checkpoint has no teacher weights (it has {other[0]!r}...); use which='student'")
+    if which == "teacher" and _has(state, "student"):
+        raise KeyError(f"the checkpoint has no teacher weights, only a student's: set {key} to 'student'")
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _has(state: Mapping[str, Any], which: str) -> bool:
+    """Whether ``state`` holds a backbone under one of ``which``'s prefixes."""
+    return any(str(k).startswith(BACKBONE_PREFIXES[which]) for k in state)
 
 
 def adapt_state_dict(state: Mapping[str, Tensor], backbone: ViT) -> dict[str, Tensor]:
@@ -121,14 +128,16 @@ def load_backbone_weights(
     which: str = "teacher",
     strict: bool = True,
     trust: bool = False,
+    key: str = "which",
 ) -> dict[str, list[str]]:
     """Load timm-format or LOCA-checkpoint weights into ``backbone``, resizing the positional table to its grid.
 
     Strict by default: any missing, unexpected or mis-shaped key raises an error that lists them. With
     ``strict=False`` the same lists are returned (``missing``, ``unexpected``, ``mismatched``) and nothing is hidden.
+    ``key`` names the setting that chose ``which``, for the messages.
     """
     checkpoint = load_weights_file(source, trust=trust) if isinstance(source, (str, os.PathLike)) else source
-    state = adapt_state_dict(extract_backbone_state_dict(checkpoint, which), backbone)
+    state = adapt_state_dict(extract_backbone_state_dict(checkpoint, which, key), backbone)
     own = backbone.state_dict()
     report = state_dict_differences(own, state)
     if strict and any(report.values()):
@@ -224,7 +233,7 @@ def load_module_weights(
     other than ``act_layer`` (the module's ``backbone_kwargs.act_layer``). Other entries (a run's counters) are not
     weights and are left as they are."""
     checkpoint = load_weights_file(path)
-    check_activation(act_layer, path, checkpoint, "model.backbone_kwargs.act_layer", adopt=False)
+    check_activation(act_layer, path, checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
     state = checkpoint.get("state_dict", checkpoint)
     theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
     own = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}
