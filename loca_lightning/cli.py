@@ -28,6 +28,7 @@ from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
+from loca_lightning.errors import check_devices, one_line_user_errors
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -48,6 +49,10 @@ class LOCACLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         self.exit_code = 0  # the `loca` command's exit status once the subcommand has run
+        with one_line_user_errors():  # a mistake in a config or a file ends in one line; a bug keeps its traceback
+            self._build_and_run(args, run)
+
+    def _build_and_run(self, args: Sequence[str] | None, run: bool) -> None:
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -84,17 +89,19 @@ class LOCACLI(LightningCLI):
         parser.link_arguments(backbone, f"{views}.patch_size", compute_fn=backbone_patch_size)
 
     def before_instantiate_classes(self) -> None:
-        """Name the required data arguments a config leaves unset, in one line, before anything is built."""
+        """Name the required data arguments a config leaves unset, and GPUs it asks for that this machine does not
+        have, in one line, before anything is built."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         data = config.get("data")
-        if data is None or not data.get("class_path"):
-            return
-        module, _, name = data["class_path"].rpartition(".")
-        check = getattr(getattr(importlib.import_module(module), name, None), "missing_arguments", None)
-        missing = check(**dict(data.get("init_args") or {})) if check is not None else []
+        missing = []
+        if data is not None and data.get("class_path"):
+            module, _, name = data["class_path"].rpartition(".")
+            check = getattr(getattr(importlib.import_module(module), name, None), "missing_arguments", None)
+            missing = check(**dict(data.get("init_args") or {})) if check is not None else []
         if missing:
             print(f"loca: error: {missing_message(missing)}", file=sys.stderr)
             sys.exit(2)
+        check_devices(config.get("trainer") or {})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.
