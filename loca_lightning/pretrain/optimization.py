@@ -1,5 +1,6 @@
 """The LOCA recipe's optimizer and lr schedule from the run's size: the global batch (devices x nodes x per-device batch
-x gradient accumulation) sets the peak lr, the steps per epoch set the warmup."""
+x gradient accumulation) sets the peak lr, the steps per epoch set the warmup; gradient accumulation is warned about
+once (:func:`accumulation_note`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from loca_lightning.lr_schedules import GroupScaledLambdaLR, warmup_cosine
 
@@ -36,6 +38,17 @@ def steps_per_epoch(trainer: Any, total_steps: int) -> float:
     return math.ceil(batches / trainer.accumulate_grad_batches)
 
 
+def accumulation_note(batch: int, accumulate: int) -> str:
+    """What ``accumulate_grad_batches > 1`` changes for LOCA: the lr follows the accumulated batch, the batch-wide terms
+    do not."""
+    return (
+        f"accumulate_grad_batches={accumulate}: the lr follows the accumulated global batch of {batch}, but the Sinkhorn "
+        f"targets, the me-max mean and the loss normalisers each span one micro-batch of {batch // accumulate}, so "
+        "this does not train like one batch of that size (measured: docs/scaling.md, Gradient accumulation); more "
+        "devices or a larger per-device batch do"
+    )
+
+
 def warmup_cosine_optimization(
     trainer: Any,
     groups: list[dict],
@@ -50,6 +63,8 @@ def warmup_cosine_optimization(
     ``warmup_epochs`` from 0, cosine to ``final_ratio * peak``. The factory's own lr default never wins."""
     total = max(1, int(trainer.estimated_stepping_batches))
     batch = global_batch_size(trainer)
+    if trainer.accumulate_grad_batches > 1:
+        rank_zero_warn(accumulation_note(batch, trainer.accumulate_grad_batches), category=UserWarning)
     peak_lr = base_lr * batch / reference_batch
     warmup = int(round(warmup_epochs * steps_per_epoch(trainer, total)))
     optimizer = optimizer_factory([{k: v for k, v in g.items() if k != "names"} for g in groups])
