@@ -186,7 +186,7 @@ def _untrusted(path: Path, scan: _Scan, error: Exception) -> CheckpointFileError
     return UntrustedCheckpointError(
         f"{str(path)!r} is {what} that stores Python objects next to its tensors ({objects}); "
         "torch.load(weights_only=True) refuses them because unpickling them can run code stored in the file. Only if "
-        "you made this file yourself: pass trust=True (loca export: --trust; model config: trust_checkpoint: true)."
+        "you made this file yourself: pass trust=True (loca export: --trust; config: model.init_args.trust_checkpoint: true)."
     )
 
 

@@ -103,7 +103,7 @@ class SegmentationFinetuneModule(L.LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         if init not in ("timm", "release"):
             raise ValueError(f"init must be 'timm' or 'release', got {init!r}")
-        self.backbone = self.build_backbone()
+        self.backbone = self.create_backbone()
         patch = self.backbone.patch_size
         for key, value in (("image_size", image_size), ("window", window)):
             if value % patch:
@@ -128,7 +128,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         self.val_metric = SegmentationMetric(num_classes, ignore_index)
         self.test_metric = SegmentationMetric(num_classes, ignore_index)
 
-    def build_backbone(self) -> nn.Module:
+    def create_backbone(self) -> nn.Module:
         """The encoder the hyperparameters describe: loaded from ``pretrained`` (:func:`pretrained_backbone`, which may
         adopt the file's MLP activation into ``backbone_kwargs``) or randomly initialised as ``init`` says."""
         hp = self.hparams
