@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,7 +29,8 @@ from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
-from loca_lightning.errors import check_devices, one_line_user_errors
+from loca_lightning.errors import check_ckpt_path, check_devices, one_line_user_errors
+from loca_lightning.weights_files import read_weights_file
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -102,6 +104,18 @@ class LOCACLI(LightningCLI):
             print(f"loca: error: {missing_message(missing)}", file=sys.stderr)
             sys.exit(2)
         check_devices(config.get("trainer") or {})
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyperparameters first: a missing file, or one that is no checkpoint, is
+        named in one line (what it is, from :func:`read_weights_file`) instead of torch.load's traceback."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        check_ckpt_path(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            if ckpt_path is not None and Path(ckpt_path).is_file():
+                read_weights_file(ckpt_path)  # raises CheckpointFileError naming what the file is, if it is not one
+            raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.

@@ -65,6 +65,8 @@ def test_a_dataset_folder_without_its_layout_is_one_line(tmp_path: Path, capsys:
         (["--model.init_args.pretrained", "config.yaml"], "config.yaml' is not a PyTorch checkpoint"),
         (["--model.init_args.num_classes", "0"], "num_classes must be >= 1, got 0"),
         (["--model.init_args.image_size", "60"], "image_size=60 is not a multiple of the patch size 8"),
+        (["--ckpt_path", "missing.ckpt"], "ckpt_path 'missing.ckpt' does not exist"),
+        (["--ckpt_path", "config.yaml"], "config.yaml' is not a PyTorch checkpoint: it is a text file"),
     ],
 )
 def test_config_values_that_cannot_work_are_one_line(extra: list[str], message: str, capsys) -> None:
