@@ -11,9 +11,9 @@ from a wrong call) is a bug. ``LOCA_TRACEBACK=1`` shows the traceback of every e
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
 import sys
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-PACKAGE = Path(__file__).resolve().parent
 INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)  # RuntimeError: ImageReadError (an unreadable image)
 BUG_ERRORS = (NotImplementedError, RecursionError)
 
@@ -39,11 +38,14 @@ def user_error(error: BaseException) -> BaseException | None:
 
 def _raised_on_purpose(error: BaseException) -> bool:
     """Whether the innermost frame of ``error`` is a ``raise`` statement of this package."""
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
+    tb = error.__traceback__
+    if tb is None:
         return False
-    last = frames[-1]
-    return Path(last.filename).resolve().is_relative_to(PACKAGE) and (last.line or "").lstrip().startswith("raise")
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return module.split(".")[0] == "loca_lightning" and line.lstrip().startswith("raise")
 
 
 @contextlib.contextmanager

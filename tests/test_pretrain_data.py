@@ -165,6 +165,8 @@ def test_loader_options_and_the_views_argument():
     assert isinstance(from_mapping.views, LOCAViews) and from_mapping.views.settings == dm.views.settings
     with pytest.raises(TypeError, match="views must be a LOCAViews or a mapping of its arguments, got list"):
         datamodule(views=list(VIEWS))
+    default = LOCAPretrainDataModule(num_workers=0).views  # the signature's default, from Python
+    assert type(default) is LOCAViews and default.settings == LOCAViews().settings
 
 
 def first_batch(**kwargs) -> dict[str, torch.Tensor]:

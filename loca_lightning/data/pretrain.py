@@ -160,6 +160,8 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         self.save_hyperparameters(ignore=["views"])
         # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
         self.batch_size = batch_size
+        if hasattr(views, "lazy_get_init_args"):  # the signature's default, untouched (from Python): build it here
+            views = views.lazy_get_init_args().as_dict()
         if isinstance(views, Mapping):  # what a user's own config or script holds: LOCAViews' arguments
             views = LOCAViews(**views)
         if not isinstance(views, LOCAViews):
