@@ -384,7 +384,6 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
 
 
 # ---------------------------------------------------------------------------------------------- finetune a finetuned model
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_a_finetuned_checkpoint_is_pretrained_for_another_dataset(ade_root: Path, tmp_path: Path) -> None:
     """ADE20K-finetuned weights start a finetuning on the demo's scenes (9 classes, another size) through the CLI with
