@@ -144,6 +144,7 @@ def bench_segmentation(
         window=window,
         stride=stride,
         inference_mode="slide",
+        test_scale=None,  # the image as given: the windows measured are those of height x width
     ).eval()
     image = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

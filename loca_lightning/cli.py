@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,7 +27,9 @@ from loca_lightning.callbacks.run_config import SaveRunConfig
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.distributed import destroy_process_groups
+from loca_lightning.errors import check_ckpt_path, check_devices, one_line_user_errors
 from loca_lightning.malloc import tune_malloc
+from loca_lightning.weights_files import read_weights_file
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. fit, validate, test and predict are "
@@ -55,6 +58,10 @@ class LOCACLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         self.exit_code = 0  # the `loca` command's exit status once the subcommand has run
+        with one_line_user_errors():  # a mistake in a config or a file ends in one line; a bug keeps its traceback
+            self._build_and_run(args, run)
+
+    def _build_and_run(self, args: Sequence[str] | None, run: bool) -> None:
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -101,17 +108,31 @@ class LOCACLI(LightningCLI):
         parser.link_arguments(backbone, f"{views}.patch_size", compute_fn=backbone_patch_size)
 
     def before_instantiate_classes(self) -> None:
-        """Name the required data arguments a config leaves unset, in one line, before anything is built."""
+        """Name the required data arguments a config leaves unset, and GPUs it asks for that this machine does not
+        have, in one line, before anything is built."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         data = config.get("data")
-        if data is None or not data.get("class_path"):
-            return
-        module, _, name = data["class_path"].rpartition(".")
-        check = getattr(getattr(importlib.import_module(module), name, None), "missing_arguments", None)
-        missing = check(**dict(data.get("init_args") or {})) if check is not None else []
+        missing = []
+        if data is not None and data.get("class_path"):
+            module, _, name = data["class_path"].rpartition(".")
+            check = getattr(getattr(importlib.import_module(module), name, None), "missing_arguments", None)
+            missing = check(**dict(data.get("init_args") or {})) if check is not None else []
         if missing:
             print(f"loca: error: {missing_message(missing)}", file=sys.stderr)
             sys.exit(2)
+        check_devices(config.get("trainer") or {})
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyperparameters first: a missing file, or one that is no checkpoint, is
+        named in one line (what it is, from :func:`read_weights_file`) instead of torch.load's traceback."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        check_ckpt_path(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            if ckpt_path is not None and Path(ckpt_path).is_file():
+                read_weights_file(ckpt_path)  # raises CheckpointFileError naming what the file is, if it is not one
+            raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.

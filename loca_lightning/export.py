@@ -72,7 +72,7 @@ def backbone_from_checkpoint(checkpoint: Mapping[str, Any], which: str = "teache
     name = hparams.get("backbone")
     if not isinstance(name, str):
         raise KeyError("the checkpoint has no 'backbone' hyperparameter: is it a loca-lightning checkpoint?")
-    state = extract_backbone_state_dict(checkpoint, which)
+    state = extract_backbone_state_dict(checkpoint, which, key="--weights")
     kwargs = dict(hparams.get("backbone_kwargs") or {})
     probe = build_backbone(name, **kwargs)
     side = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else probe.pos_grid[0]

@@ -191,7 +191,7 @@ def _untrusted(path: Path, scan: _Scan, error: Exception) -> CheckpointFileError
     return UntrustedCheckpointError(
         f"{str(path)!r} is {what} that stores Python objects next to its tensors ({objects}); "
         "torch.load(weights_only=True) refuses them because unpickling them can run code stored in the file. Only if "
-        "you made this file yourself: pass trust=True (loca export: --trust; model config: trust_checkpoint: true)."
+        "you made this file yourself: pass trust=True (loca export: --trust; config: model.init_args.trust_checkpoint: true)."
     )
 
 
@@ -203,8 +203,9 @@ def is_lightning_checkpoint(checkpoint: Any) -> bool:
 # Where the backbone lives inside a LOCAPretrainModule / SegmentationFinetuneModule state dict.
 BACKBONE_PREFIXES: dict[str, tuple[str, ...]] = {
     "teacher": ("teacher.backbone.", "teacher_backbone."),
-    "student": ("student.backbone.", "student_backbone.", "backbone."),
+    "student": ("student.backbone.", "student_backbone."),
 }
+FINETUNED_PREFIX = "backbone."  # a finetuned model's only backbone: what either choice means in its checkpoint
 
 
 def load_weights_file(path: str | os.PathLike, trust: bool = False) -> Mapping[str, Any]:
@@ -221,25 +222,31 @@ def load_weights_file(path: str | os.PathLike, trust: bool = False) -> Mapping[s
     return checkpoint
 
 
-def extract_backbone_state_dict(checkpoint: Mapping[str, Any], which: str = "teacher") -> dict[str, Tensor]:
-    """The backbone's state dict from a LOCA/segmentation checkpoint, a ``{"state_dict"|"model": ...}`` wrapper,
-    or a plain timm-format state dict (returned as is)."""
+def extract_backbone_state_dict(
+    checkpoint: Mapping[str, Any], which: str = "teacher", key: str = "which"
+) -> dict[str, Tensor]:
+    """The backbone's state dict from a LOCA checkpoint (its ``which`` backbone), a finetuned checkpoint (its only
+    backbone, whichever ``which``), a ``{"state_dict"|"model": ...}`` wrapper, or a plain timm-format state dict
+    (returned as is). ``key`` names the setting that chose ``which``, for the messages."""
     if which not in BACKBONE_PREFIXES:
-        raise ValueError(f"which must be one of {sorted(BACKBONE_PREFIXES)}, got {which!r}")
+        raise ValueError(f"{key} must be one of {sorted(BACKBONE_PREFIXES)}, got {which!r}")
     state = checkpoint
     for wrapper in ("state_dict", "model", "module"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
             break
-    for prefix in BACKBONE_PREFIXES[which]:
+    for prefix in (*BACKBONE_PREFIXES[which], FINETUNED_PREFIX):
         found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if found:
+        if found and (prefix != FINETUNED_PREFIX or which == "student" or not _has(state, "student")):
             return found
-    if which == "teacher":
-        other = [p for p in BACKBONE_PREFIXES["student"] if any(k.startswith(p) for k in state)]
-        if other and not any(k.startswith("teacher") for k in state):
-            raise KeyError(f"the checkpoint has no teacher weights (it has {other[0]!r}...); use which='student'")
+    if which == "teacher" and _has(state, "student"):
+        raise KeyError(f"the checkpoint has no teacher weights, only a student's: set {key} to 'student'")
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _has(state: Mapping[str, Any], which: str) -> bool:
+    """Whether ``state`` holds a backbone under one of ``which``'s prefixes."""
+    return any(str(k).startswith(BACKBONE_PREFIXES[which]) for k in state)
 
 
 def _activation_name(act_layer: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,6 @@ from PIL import Image
 from loca_lightning.callbacks import SegmentationPredictionWriter, indexed_png, mask_palette, overlay_image
 from loca_lightning.cli import main
 from loca_lightning.data.classes import ADE20K_CLASSES, dataset_classes, label_colormap
-from loca_lightning.data.images import ImageReadError
 from loca_lightning.data.synthetic import SYNTHETIC_PALETTE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -122,7 +122,9 @@ def read_indexed(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # predict's checkpoint callback is not the fit's
-def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Path, tmp_path: Path) -> None:
+def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(
+    ade_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt_dir = tmp_path / "ckpt"
     fit_extra = (
         "--trainer.max_steps",
@@ -168,8 +170,9 @@ def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Pat
         assert values.shape == (HEIGHT, WIDTH) and values.max() < 150
         assert np.array_equal(palette[:150], ade_palette)
 
-    with pytest.raises(FileExistsError, match=r"ADE_val_00000001\.png.*overwrite"):
+    with pytest.raises(SystemExit) as info:  # the user's own files: one line, exit status 2
         predict("--prediction_writer.overlay", "true")
+    assert info.value.code == 2 and re.search(r"ADE_val_00000001\.png.*overwrite", capsys.readouterr().err)
     assert not (out / "overlay").exists()
 
     predict("--prediction_writer.overlay", "true", "--prediction_writer.overwrite", "true")
@@ -181,8 +184,9 @@ def test_fit_then_predict_writes_palette_pngs_and_never_overwrites(ade_root: Pat
     out = tmp_path / "predict2"
     out.mkdir()
     (out / f"{VAL_STEMS[-1]}.png").write_bytes(b"precious")
-    with pytest.raises(FileExistsError, match=VAL_STEMS[-1]):
+    with pytest.raises(SystemExit) as info:
         predict()
+    assert info.value.code == 2 and VAL_STEMS[-1] in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [f"{VAL_STEMS[-1]}.png"]
     assert (out / f"{VAL_STEMS[-1]}.png").read_bytes() == b"precious"
 
@@ -303,7 +307,9 @@ def demo_checkpoint(tmp_path: Path) -> Path:
 
     from loca_lightning.segmentation.module import SegmentationFinetuneModule
 
-    model = SegmentationFinetuneModule(num_classes=9, backbone="vit_pico_patch8", image_size=64, window=64, stride=32)
+    model = SegmentationFinetuneModule(
+        num_classes=9, backbone="vit_pico_patch8", image_size=64, window=64, stride=32, test_scale=None
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
     path = tmp_path / "demo.ckpt"
@@ -362,7 +368,8 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
     assert not Path("checkpoints").exists()  # no logger: a predict run saves no config, creates no folder
 
     # On request the job stops at the first unreadable image instead.
-    with pytest.raises(ImageReadError, match=r"img07\.png"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
         main(
             [
                 *args,
@@ -372,3 +379,36 @@ def test_predict_writes_every_readable_image_and_reports_the_unreadable_one(
                 "false",
             ]
         )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "img07.png" in err[0] and "not a decodable image" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- finetune a finetuned model
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_a_finetuned_checkpoint_is_pretrained_for_another_dataset(ade_root: Path, tmp_path: Path) -> None:
+    """ADE20K-finetuned weights start a finetuning on the demo's scenes (9 classes, another size) through the CLI with
+    the configs' default ``pretrained_weights: teacher``: the new backbone is the finetuned one, its decoder new."""
+    from loca_lightning.backbones import resize_pos_embed
+    from loca_lightning.cli import LOCACLI
+
+    ckpt_dir = tmp_path / "ade"
+    one_step = ("--trainer.max_steps", "1", "--trainer.logger", "false", "--checkpoint.dirpath", str(ckpt_dir))
+    main(["fit", *ade_args(ade_root, *one_step)])
+    finetuned = ckpt_dir / "last.ckpt"
+    state = torch.load(finetuned, weights_only=True)["state_dict"]
+    demo = [
+        "--config", str(CONFIGS / "demo" / "seg.yaml"), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.backbone", "vit_test_patch16", "--model.init_args.pretrained", str(finetuned),
+        "--data.init_args.num_workers", "0", "--data.init_args.persistent_workers", "false",
+    ]  # fmt: skip
+    model = LOCACLI(args=demo, run=False).model
+    assert model.hparams.pretrained_weights == "teacher"
+    for key, value in model.backbone.state_dict().items():
+        source = state[f"backbone.{key}"]
+        if key == "pos_embed":  # 2x2 grid of the 32-pixel ADE crops -> 4x4 of the demo's 64-pixel crops
+            source = resize_pos_embed(source, (2, 2), (4, 4))
+        assert torch.equal(value, source), key
+    assert model.decoder.head.weight.shape[0] == 9 != state["decoder.head.weight"].shape[0]
+    main(["fit", *demo, "--trainer.max_steps", "1", "--checkpoint.dirpath", str(tmp_path / "demo")])
+    assert (tmp_path / "demo" / "last.ckpt").is_file()

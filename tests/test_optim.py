@@ -1,12 +1,16 @@
 """Schedules, EMA and parameter groups against tables of numbers."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from loca_lightning.optim import ema_momentum, ema_update, param_groups, poly, vit_layer_id, warmup_cosine
+from loca_lightning.ema import ema_momentum, ema_update
+from loca_lightning.lr_schedules import poly, warmup_cosine
+from loca_lightning.param_groups import param_groups, vit_layer_id
+from loca_lightning.pretrain.optimization import warmup_cosine_optimization
 
 
 def test_warmup_cosine_table():
@@ -61,3 +65,26 @@ def test_layer_decay_scales():
     assert vit_layer_id("backbone.blocks.3.mlp.fc1.weight", 12) == 4
     assert vit_layer_id("backbone.norm.weight", 12) == 13
     assert vit_layer_id("decoder.head.weight", 12) == 13
+
+
+def _trainer(accumulate: int) -> SimpleNamespace:
+    """What warmup_cosine_optimization reads of a Trainer: 2 processes of 4 images, 10 batches per epoch."""
+    return SimpleNamespace(
+        estimated_stepping_batches=100 // accumulate,
+        datamodule=SimpleNamespace(batch_size=4),
+        world_size=2,
+        accumulate_grad_batches=accumulate,
+        num_training_batches=10,
+        max_epochs=10,
+    )
+
+
+def test_gradient_accumulation_is_warned_about_once_at_the_start(recwarn):
+    model = nn.Linear(3, 2)
+    groups = param_groups(model, 0.1)
+    warmup_cosine_optimization(_trainer(1), groups, torch.optim.AdamW, 1e-3, 1024, 1.0, 0.01)
+    assert not [w for w in recwarn if "accumulate_grad_batches" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"accumulate_grad_batches=4: .* batch of 32, .* micro-batch of 8") as caught:
+        config, total = warmup_cosine_optimization(_trainer(4), groups, torch.optim.AdamW, 1e-3, 1024, 1.0, 0.01)
+    assert len([w for w in caught if "accumulate_grad_batches" in str(w.message)]) == 1
+    assert config["lr_scheduler"]["scheduler"].base_lrs[0] == pytest.approx(1e-3 * 32 / 1024) and total == 25

@@ -160,9 +160,13 @@ def test_loader_options_and_the_views_argument():
     dm = datamodule(source="synthetic", synthetic_length=8, num_workers=0, persistent_workers=True)
     loader = dm.train_dataloader()
     assert loader.batch_size == 2 and loader.drop_last and not loader.persistent_workers
-    with pytest.raises(TypeError, match="views must be a LOCAViews"):
-        datamodule(views=VIEWS)  # typed: the CLI builds a LOCAViews from a config's views section
     assert {k: dm.hparams.views[k] for k in VIEWS} == VIEWS  # saved as plain values (weights_only checkpoints)
+    from_mapping = datamodule(views=dict(VIEWS))  # a mapping of LOCAViews' arguments, as a user's own config holds
+    assert isinstance(from_mapping.views, LOCAViews) and from_mapping.views.settings == dm.views.settings
+    with pytest.raises(TypeError, match="views must be a LOCAViews or a mapping of its arguments, got list"):
+        datamodule(views=list(VIEWS))
+    default = LOCAPretrainDataModule(num_workers=0).views  # the signature's default, from Python
+    assert type(default) is LOCAViews and default.settings == LOCAViews().settings
 
 
 def first_batch(**kwargs) -> dict[str, torch.Tensor]:

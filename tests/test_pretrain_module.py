@@ -8,8 +8,8 @@ import torch
 from _fake_loca import FakeLOCADataModule
 
 from loca_lightning.data.synthetic import SyntheticScenes
+from loca_lightning.ema import ema_momentum
 from loca_lightning.export import export_backbone
-from loca_lightning.optim import ema_momentum
 from loca_lightning.pretrain.evaluation import location_accuracy
 from loca_lightning.pretrain.masks import band_keep_index, random_keep_index, reference_keep_count
 from loca_lightning.pretrain.module import LOCAPretrainModule

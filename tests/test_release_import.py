@@ -432,8 +432,8 @@ def test_segmentation_adopts_the_release_activation(imported, trees, tmp_path, s
     assert isinstance(same.backbone.blocks[1].mlp.act, GELUTanh)
     with pytest.raises(
         ValueError,
-        match=r"trained with act_layer 'gelu_tanh' but model.backbone_kwargs.act_layer is "
-        r"'gelu': set model.backbone_kwargs.act_layer: gelu_tanh",
+        match=r"trained with act_layer 'gelu_tanh' but model.init_args.backbone_kwargs.act_layer is "
+        r"'gelu': set model.init_args.backbone_kwargs.act_layer: gelu_tanh",
     ):
         _segmentation(imported / source, act_layer="gelu")
 
@@ -472,7 +472,7 @@ def test_pretraining_starts_from_the_import(imported, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"loca_pretrain.ckpt' was trained with act_layer 'gelu_tanh' but "
-        r"model.backbone_kwargs.act_layer is unset \(exact GELU\)",
+        r"model.init_args.backbone_kwargs.act_layer is unset \(exact GELU\)",
     ):
         LOCAPretrainModule(**plain, init_weights=str(path))
     with pytest.raises(

@@ -30,7 +30,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from loca_lightning.optim import ema_momentum, ema_update, warmup_cosine
+from loca_lightning.ema import ema_momentum, ema_update
+from loca_lightning.lr_schedules import warmup_cosine
 from loca_lightning.pretrain.module import LOCAPretrainModule
 from loca_lightning.release.convert import (
     backbone_entries,

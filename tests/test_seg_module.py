@@ -50,6 +50,7 @@ def make_module(**kwargs) -> SegmentationFinetuneModule:
         stride=SIZE,
         drop_path_rate=0.0,
         inference_mode="whole",
+        test_scale=None,  # native size: the scenes are small (the default is ADE20K's (2048, 512))
     )
     return SegmentationFinetuneModule(**{**defaults, **kwargs})
 
@@ -190,7 +191,9 @@ def test_finetuned_checkpoint_restores_without_the_pretraining_file(tmp_path: Pa
 
 def test_checkpoint_of_other_architecture_fails_at_construction(tmp_path: Path) -> None:
     write_loca_checkpoint(tmp_path / "pico.ckpt", backbone="vit_pico_patch16")
-    with pytest.raises(ValueError, match=r"(?s)model\.pretrained=.*pico\.ckpt.*mismatched.*blocks\.0\.") as info:
+    with pytest.raises(
+        ValueError, match=r"(?s)model\.init_args\.pretrained=.*pico\.ckpt.*mismatched.*blocks\.0\."
+    ) as info:
         make_module(pretrained=str(tmp_path / "pico.ckpt"))
     assert "unexpected" in str(info.value)  # pico's blocks 2-3 have no place in a depth-2 backbone
 
@@ -236,7 +239,7 @@ def test_layer_decay_groups_have_expected_lr_ratios() -> None:
     names = dict(module.named_parameters())
     assert sorted(probe.lr_of) == sorted(id(p) for p in names.values())  # every parameter, in one group only
     reference_lr = probe.lr_of[id(module.decoder.head.weight)]
-    assert reference_lr == pytest.approx(1e-3)  # SegmenterSGD's lr at step 0 of the poly schedule
+    assert reference_lr == pytest.approx(1e-3)  # the default optimizer's lr at step 0 of the poly schedule
     scales = {name: probe.lr_of[id(p)] / reference_lr for name, p in names.items()}
     for name, scale in scales.items():
         assert scale == pytest.approx(expected_lr_scale(name, 0.5), rel=1e-6), name
@@ -336,3 +339,52 @@ def test_random_init_choices() -> None:
     assert timm.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     with pytest.raises(ValueError, match="init must be 'timm' or 'release'"):
         SegmentationFinetuneModule(**kwargs, init="xavier")
+
+
+class WeightDecayProbe(L.Callback):
+    """Records each parameter's weight decay in the optimizer at the first training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.decay_of = {id(p): g["weight_decay"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_finetuning_decays_only_matrices_outside_no_weight_decay(layer_decay: float | None) -> None:
+    """With AdamW(weight_decay=0.05), only parameters of 2+ dimensions that neither the backbone's nor the decoder's
+    ``no_weight_decay()`` names are decayed: biases, norms, ``pos_embed`` and the class embeddings are not."""
+    module = make_module(
+        decoder="mask_transformer",
+        decoder_kwargs={"depth": 1, "num_heads": 2},
+        layer_decay=layer_decay,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
+    )
+    probe = WeightDecayProbe()
+    make_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe]).fit(module, loader(8, seed=1))
+    exempt = {"backbone.pos_embed", "decoder.class_embed"}
+    assert exempt <= dict(module.named_parameters()).keys()
+    decay = {name: probe.decay_of[id(p)] for name, p in module.named_parameters()}
+    expected = {name: 0.0 if p.ndim <= 1 or name in exempt else 0.05 for name, p in module.named_parameters()}
+    assert decay == expected
+    assert sorted(set(expected.values())) == [0.0, 0.05]
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+def test_a_finetuned_checkpoint_initialises_the_backbone_with_the_default_weights_choice(tmp_path: Path) -> None:
+    """A finetuned segmentation checkpoint has one backbone: the default ``pretrained_weights="teacher"`` takes it."""
+    finetuned = make_module()
+    make_trainer(max_steps=1, limit_val_batches=0).fit(finetuned, loader(8, seed=1))
+    torch.save({"state_dict": finetuned.state_dict(), "hyper_parameters": dict(finetuned.hparams)}, tmp_path / "a.ckpt")
+    for which in ("teacher", "student"):
+        module = make_module(num_classes=5, pretrained=str(tmp_path / "a.ckpt"), pretrained_weights=which)
+        for key, value in finetuned.backbone.state_dict().items():
+            assert torch.equal(module.backbone.state_dict()[key], value), (which, key)
+
+
+def test_a_checkpoint_without_teacher_names_the_key_to_set(tmp_path: Path) -> None:
+    student = build_backbone("vit_test_patch16")
+    torch.save({"state_dict": {f"student.backbone.{k}": v for k, v in student.state_dict().items()}}, tmp_path / "s.pt")
+    with pytest.raises(ValueError, match=r"model\.init_args\.pretrained=.*set model\.init_args\.pretrained_weights to"):
+        make_module(pretrained=str(tmp_path / "s.pt"))
+    make_module(pretrained=str(tmp_path / "s.pt"), pretrained_weights="student")

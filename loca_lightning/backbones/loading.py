@@ -67,14 +67,16 @@ def load_backbone_weights(
     which: str = "teacher",
     strict: bool = True,
     trust: bool = False,
+    key: str = "which",
 ) -> dict[str, list[str]]:
     """Load timm-format or LOCA-checkpoint weights into ``backbone``, resizing the positional table to its grid.
 
     Strict by default: any missing, unexpected or mis-shaped key raises an error that lists them. With
     ``strict=False`` the same lists are returned (``missing``, ``unexpected``, ``mismatched``) and nothing is hidden.
+    ``key`` names the setting that chose ``which``, for the messages.
     """
     checkpoint = load_weights_file(source, trust=trust) if isinstance(source, (str, os.PathLike)) else source
-    state = adapt_state_dict(extract_backbone_state_dict(checkpoint, which), backbone)
+    state = adapt_state_dict(extract_backbone_state_dict(checkpoint, which, key), backbone)
     own = backbone.state_dict()
     report = state_dict_differences(own, state)
     if strict and any(report.values()):
@@ -98,7 +100,7 @@ def load_module_weights(
     other than ``act_layer`` (the module's ``backbone_kwargs.act_layer``). Other entries (a run's counters) are not
     weights and are left as they are."""
     checkpoint = load_weights_file(path)
-    check_activation(act_layer, path, checkpoint, "model.backbone_kwargs.act_layer", adopt=False)
+    check_activation(act_layer, path, checkpoint, "model.init_args.backbone_kwargs.act_layer", adopt=False)
     state = checkpoint.get("state_dict", checkpoint)
     theirs = {k: v for k, v in state.items() if k.startswith(prefixes)}
     own = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}

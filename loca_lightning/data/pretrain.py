@@ -9,7 +9,7 @@ without being restarted; the loader and the DataModule resume mid-epoch exactly 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,8 +143,12 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         self.save_hyperparameters(ignore=["views"])
         # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
         self.batch_size = batch_size
+        if hasattr(views, "lazy_get_init_args"):  # the signature's default, untouched (from Python): build it here
+            views = views.lazy_get_init_args().as_dict()
+        if isinstance(views, Mapping):  # what a user's own config or script holds: LOCAViews' arguments
+            views = LOCAViews(**views)
         if not isinstance(views, LOCAViews):
-            raise TypeError(f"views must be a LOCAViews, got {type(views).__name__}")
+            raise TypeError(f"views must be a LOCAViews or a mapping of its arguments, got {type(views).__name__}")
         self._views = views
         self.hparams["views"] = dict(views.settings)  # plain values: checkpoints stay loadable with weights_only
         self.dataset: LOCAPretrainDataset | None = None

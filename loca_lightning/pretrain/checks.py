@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from loca_lightning.nonfinite import POLICIES as NONFINITE_POLICIES
-from loca_lightning.optim import param_groups
+from loca_lightning.param_groups import param_groups
 from loca_lightning.pretrain.heads import check_prototype_precision
 from loca_lightning.pretrain.masks import REFERENCE_MASKS
 from loca_lightning.pretrain.networks import QKV_BIASES

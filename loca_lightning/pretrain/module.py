@@ -2,7 +2,8 @@
 
 The method reads top to bottom in :meth:`LOCAPretrainModule.training_step`. Around it, each concern has a file of its
 own: geometry ``views.py``, masks ``masks.py``, heads ``heads.py``, losses ``losses.py``, initialisation ``init.py``,
-schedules and parameter groups ``loca_lightning/optim.py``, compile and FSDP2 ``performance.py``, the non-finite guard
+lr schedules ``loca_lightning/lr_schedules.py``, the EMA ``loca_lightning/ema.py``, parameter groups
+``loca_lightning/param_groups.py``, the recipe's optimizer ``optimization.py``, compile and FSDP2 ``performance.py``, the non-finite guard
 ``loca_lightning/nonfinite.py``, random state ``loca_lightning/rng.py``, export ``loca_lightning/export.py``.
 """
 
@@ -19,13 +20,15 @@ from torch import Tensor
 from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.loading import load_module_weights
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
+from loca_lightning.ema import ema_momentum, ema_update
 from loca_lightning.nonfinite import NonFiniteGuard, Policy
 from loca_lightning.normalize import Normalize
-from loca_lightning.optim import ema_momentum, ema_update, param_groups, warmup_cosine_optimization
+from loca_lightning.param_groups import param_groups
 from loca_lightning.pretrain import losses, masks, performance
 from loca_lightning.pretrain.checks import check_batch, check_hparams, migrate_checkpoint
 from loca_lightning.pretrain.masks import ReferenceMask
 from loca_lightning.pretrain.networks import QKV_BIASES, LOCATeacher, build_student
+from loca_lightning.pretrain.optimization import warmup_cosine_optimization
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.weights_files import check_activation
 

@@ -1,15 +1,16 @@
 """SegmentationFinetuneModule: a ViT backbone (from LOCA, timm weights or scratch) plus a Segmenter decoder.
 
-Training follows the Segmenter protocol (SGD momentum 0.9, lr 1e-3, polynomial decay 0.9 per step, cross-entropy
-with 255 ignored). Evaluation and prediction follow Segmenter's test protocol when ``test_scale`` is set (the image
-resized keeping its aspect ratio to the test scale, sliding windows, logits resized back to the original size; see
-``segmentation.inference``), or run at each image's native size when it is None; either way the metric compares
-predictions at the original size with the original labels and accumulates MMSegmentation-style mIoU over the whole
-dataset, synced across processes.
-"""
+Its defaults are the recipe of configs/seg_ade.yaml: Segmenter's ADE20K protocol (SGD lr 1e-3 momentum 0.9 without
+weight decay, polynomial decay 0.9 per step to 0.01x, cross-entropy with 255 ignored, test scale (2048, 512), windows
+512 at stride 512); the other configs say where they differ. Evaluation and prediction follow Segmenter's test
+protocol when ``test_scale`` is set (the image resized keeping its aspect ratio to the test scale, sliding windows,
+logits resized back to the original size; see ``segmentation.inference``), or run at each image's native size when it
+is None; either way the metric compares predictions at the original size with the original labels and accumulates
+MMSegmentation-style mIoU over the whole dataset, synced across processes."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -20,19 +21,27 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from loca_lightning.backbones import build_backbone, load_backbone_weights
+from loca_lightning.backbones import build_backbone
 from loca_lightning.backbones.vit import release_init_vit_
 from loca_lightning.checkpointing import detach_weights_source, warn_loaded_hparam_changes
 from loca_lightning.data.seg_datasets import unpadded
+from loca_lightning.lr_schedules import GroupScaledLambdaLR, poly
 from loca_lightning.normalize import Normalize
-from loca_lightning.optim import LambdaLR, SegmenterSGD, param_groups, poly, vit_layer_id
+from loca_lightning.param_groups import finetune_param_groups
 from loca_lightning.rng import RNG_KEY, capture_rng_state, restore_rng_state
 from loca_lightning.segmentation.decoders import build_decoder
 from loca_lightning.segmentation.inference import SegmentationInference
 from loca_lightning.segmentation.metrics import SegmentationMetric, format_class_table
-from loca_lightning.weights_files import CheckpointFileError, check_activation, load_weights_file
+from loca_lightning.segmentation.pretrained import pretrained_backbone
+from loca_lightning.weights_files import check_activation
 
 log = logging.getLogger(__name__)
+
+# Segmenter's optimizer, the one configs/seg_ade.yaml spells out: what ``optimizer=None`` builds.
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "class_path": "torch.optim.SGD",
+    "init_args": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},
+}
 
 
 class SegmentationFinetuneModule(L.LightningModule):
@@ -45,6 +54,11 @@ class SegmentationFinetuneModule(L.LightningModule):
     its aspect ratio to that scale (then, in slide mode, up to the window if its short side is still below it), and
     resize the scores back to the original size (Segmenter's protocol); ``None``: native size. ``eval_scales`` are
     ratios of the test scale (of the native size when None).
+
+    ``pretrained``: a LOCA checkpoint (``pretrained_weights`` picks its teacher or student), a finetuned segmentation
+    checkpoint (its backbone, e.g. to finetune on another dataset) or timm-format ViT weights, loaded strictly.
+    ``optimizer``: a callable taking the parameter groups (LightningCLI: a ``class_path``); None builds
+    :data:`DEFAULT_OPTIMIZER`. Its weight decay applies to matrices only (:meth:`configure_optimizers`).
 
     Without ``pretrained``, ``init`` picks the random initialisation: ``"timm"`` (truncated normal 0.02) or
     ``"release"`` (LOCA's own starting point, as in :class:`~loca_lightning.LOCAPretrainModule`), so that a
@@ -68,10 +82,10 @@ class SegmentationFinetuneModule(L.LightningModule):
         decoder_kwargs: dict[str, Any] | None = None,
         ignore_index: int = 255,
         class_names: list[str] | None = None,
-        optimizer: Callable[[Iterable], torch.optim.Optimizer] = SegmenterSGD,
+        optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,
         layer_decay: float | None = None,
         poly_power: float = 0.9,
-        min_lr_ratio: float = 0.0,
+        min_lr_ratio: float = 0.01,
         warmup_steps: int = 0,
         inference_mode: Literal["whole", "slide"] = "slide",
         window: int = 512,
@@ -79,7 +93,7 @@ class SegmentationFinetuneModule(L.LightningModule):
         eval_scales: list[float] | None = None,
         eval_flip: bool = False,
         inference_batch_size: int = 8,
-        test_scale: tuple[int, int] | None = None,
+        test_scale: tuple[int, int] | None = (2048, 512),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "decoder"] if isinstance(decoder, nn.Module) else ["optimizer"])
@@ -87,38 +101,14 @@ class SegmentationFinetuneModule(L.LightningModule):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
-        backbone_kwargs = dict(backbone_kwargs or {})
-        pretrained_checkpoint = load_weights_file(pretrained, trust=trust_checkpoint) if pretrained else None
-        if pretrained_checkpoint is not None:  # the MLP activation follows the weights (tanh GELU for the release's)
-            act_layer = check_activation(
-                backbone_kwargs.get("act_layer"), pretrained, pretrained_checkpoint, "model.backbone_kwargs.act_layer"
-            )
-            if act_layer is not None and "act_layer" not in backbone_kwargs:
-                log.info("act_layer %r adopted from %s", act_layer, pretrained)
-                backbone_kwargs["act_layer"] = act_layer
-                self.hparams["backbone_kwargs"] = backbone_kwargs  # saved checkpoints rebuild the same network
-        self.backbone = build_backbone(backbone, img_size=image_size, drop_path_rate=drop_path_rate, **backbone_kwargs)
-        if init == "release":  # the initialisation LOCA pretraining starts from (a fair "random init" baseline)
-            release_init_vit_(self.backbone)
-        elif init != "timm":
+        if init not in ("timm", "release"):
             raise ValueError(f"init must be 'timm' or 'release', got {init!r}")
+        self.backbone = self.create_backbone()
         patch = self.backbone.patch_size
         for key, value in (("image_size", image_size), ("window", window)):
             if value % patch:
                 raise ValueError(f"{key}={value} is not a multiple of the patch size {patch} of {backbone}")
-        if pretrained:
-            try:
-                load_backbone_weights(self.backbone, pretrained_checkpoint, which=pretrained_weights)
-            except CheckpointFileError:  # not a weights file at all: its own message says what it is
-                raise
-            except (ValueError, KeyError) as error:
-                raise ValueError(
-                    f"model.pretrained={pretrained!r} does not fit backbone {backbone!r}: {error}"
-                ) from error
-            log.info("backbone initialised from %s (%s weights)", pretrained, pretrained_weights)
-        if freeze_backbone:
-            for param in self.backbone.parameters():
-                param.requires_grad_(False)
+        self.backbone.requires_grad_(not freeze_backbone)
         self.decoder = (
             decoder
             if isinstance(decoder, nn.Module)
@@ -137,6 +127,24 @@ class SegmentationFinetuneModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.val_metric = SegmentationMetric(num_classes, ignore_index)
         self.test_metric = SegmentationMetric(num_classes, ignore_index)
+
+    def create_backbone(self) -> nn.Module:
+        """The encoder the hyperparameters describe: loaded from ``pretrained`` (:func:`pretrained_backbone`, which may
+        adopt the file's MLP activation into ``backbone_kwargs``) or randomly initialised as ``init`` says."""
+        hp = self.hparams
+        build = dict(img_size=hp.image_size, drop_path_rate=hp.drop_path_rate)
+        if hp.pretrained:
+            own = dict(hp.backbone_kwargs or {})
+            backbone, kwargs = pretrained_backbone(
+                hp.backbone, own, hp.pretrained, hp.pretrained_weights, hp.trust_checkpoint, **build
+            )
+            if kwargs != own:
+                self.hparams["backbone_kwargs"] = kwargs  # saved checkpoints rebuild the same network
+            return backbone
+        backbone = build_backbone(hp.backbone, **build, **(hp.backbone_kwargs or {}))
+        if hp.init == "release":  # the initialisation LOCA pretraining starts from (a fair "random init" baseline)
+            release_init_vit_(backbone)
+        return backbone
 
     # ------------------------------------------------------------------ model
     def forward(self, images: Tensor) -> Tensor:
@@ -213,24 +221,20 @@ class SegmentationFinetuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer (``optimizer``, else :data:`DEFAULT_OPTIMIZER`) with its weight decay on the backbone's and
+        decoder's matrices only (:func:`finetune_param_groups`), layer-wise lr decay when ``layer_decay`` is set, and
+        the polynomial schedule stepped per optimizer step."""
         hp = self.hparams
-        num_layers = len(self.backbone.blocks)
-        if hp.layer_decay is not None:
-            groups = param_groups(
-                self,
-                0.0,
-                layer_decay=hp.layer_decay,
-                num_layers=num_layers,
-                layer_id=lambda name: vit_layer_id(name, num_layers),
-            )
+        groups = finetune_param_groups(self, ("backbone", "decoder"), hp.layer_decay, len(self.backbone.blocks))
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
         else:
-            groups = [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
-        for group in groups:
-            group.pop("names", None)
-            group.pop("weight_decay", None)  # the optimizer's own weight decay applies (Segmenter: 0)
-        optimizer = self.optimizer_factory(groups)
+            optimizer = torch.optim.SGD(groups, **DEFAULT_OPTIMIZER["init_args"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = LambdaLR(optimizer, lambda step: poly(step, total, hp.poly_power, hp.min_lr_ratio, hp.warmup_steps))
+        schedule = functools.partial(
+            poly, total_steps=total, power=hp.poly_power, min_ratio=hp.min_lr_ratio, warmup_steps=hp.warmup_steps
+        )
+        scheduler = GroupScaledLambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
