@@ -88,3 +88,29 @@ def test_gradient_accumulation_is_warned_about_once_at_the_start(recwarn):
         config, total = warmup_cosine_optimization(_trainer(4), groups, torch.optim.AdamW, 1e-3, 1024, 1.0, 0.01)
     assert len([w for w in caught if "accumulate_grad_batches" in str(w.message)]) == 1
     assert config["lr_scheduler"]["scheduler"].base_lrs[0] == pytest.approx(1e-3 * 32 / 1024) and total == 25
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_norm_clipping_under_bf16_works_with_a_fused_optimizer(fused):
+    """The released configs use fused AdamW, clipping and bf16-mixed: Lightning's plugin refuses to clip for a fused
+    optimizer; ours clips it by global norm like the unfused one (same gradients after clipping)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from loca_lightning.pretrain.performance import clip_gradients
+
+    model = nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    expected = [
+        p.grad * (1.0 / torch.cat([q.grad.flatten() for q in model.parameters()]).norm()) for p in model.parameters()
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    module = SimpleNamespace(trainer=SimpleNamespace(model=model, precision_plugin=MixedPrecision("bf16-mixed", "cpu")))
+    module.clip_gradients = lambda opt, value, algorithm: module.trainer.precision_plugin.clip_gradients(
+        opt, value, algorithm
+    )
+    clip_gradients(module, optimizer, 1.0, "norm")
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert total == pytest.approx(1.0, rel=1e-5)

@@ -95,4 +95,16 @@ def clip_gradients(
     if value and isinstance(root, FullyShardedDataParallel) and algorithm in (None, "norm"):
         root.clip_grad_norm_(value)
         return
+    if value and algorithm in (None, "norm") and _unscaled_fused(module, optimizer):
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that could unscale gradients itself
+        # (fused AdamW), even under bf16, where there is no scaler and the gradients are already true values.
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, value)
+        return
     module.clip_gradients(optimizer, value, algorithm)
+
+
+def _unscaled_fused(module: L.LightningModule, optimizer: torch.optim.Optimizer) -> bool:
+    """A fused optimizer (it would unscale gradients in its step) under a precision without a gradient scaler."""
+    handles_unscaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+    return bool(handles_unscaling) and getattr(module.trainer.precision_plugin, "scaler", None) is None
