@@ -34,7 +34,8 @@ DESCRIPTION = (
     "Subcommands: fit, validate, test, predict (LightningCLI, configured with --config FILE) and "
     "`loca export CKPT OUT [--weights teacher|student] [--force]` (timm weights) and "
     "`loca import-release SRC OUT [--weights teacher|student] [--force] [--custom-size]` (the authors' flax checkpoints "
-    "as a LOCA module checkpoint and timm weights)."
+    "as a LOCA module checkpoint and timm weights) and "
+    "`loca shards SRC OUT [--shard-size N]` (images as WebDataset tar shards for --data.init_args.source=shards)."
 )
 
 
@@ -148,6 +149,11 @@ def main(args: Sequence[str] | None = None) -> None:
         from loca_lightning.export import export_main
 
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "shards":
+        from loca_lightning.data.shard_writer import shards_main
+
+        shards_main(argv[1:])
         return
     if argv and argv[0] == "import-release":
         from loca_lightning.release import import_release_main
