@@ -59,10 +59,12 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 def _info_lengths(urls: list[str]) -> list[int] | None:
-    """Per-shard sample counts from an ``_info.json`` in the first shard's folder, if it lists every shard."""
+    """Per-shard sample counts from an ``_info.json`` in the shards' folder, if they share one and it lists them all."""
     if urls[0].startswith("pipe:"):
         return None
     folder = shard_io.shard_dir(urls[0])
+    if any(shard_io.shard_dir(url) != folder for url in urls):
+        return None
     for name in INFO_FILES:
         data = shard_io.read_small(f"{folder}/{name}")
         if data is None:
