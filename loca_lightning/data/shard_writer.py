@@ -5,7 +5,8 @@ sorted order of the folder listing or the order of the list, under keys ``000000
 records the original relative path. The tar headers carry no time, owner or permissions of the machine, so the same
 input always gives the same bytes. Beside the shards goes an ``_info.json`` in timm's format (``shard_lengths``): the
 reader takes sample counts from it without opening the shards. OUT is written as ``OUT.partial`` and renamed when
-complete; an existing OUT is never touched.
+complete; an existing OUT is never touched. Each shard gets its member index (``NAME.idx.npy``, 16 bytes a sample):
+a reader then needs one small read per shard instead of one per member.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loca_lightning.data.images import check_nonempty, list_images, read_path_list
+from loca_lightning.data.shards import index_path, index_shard, save_index
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -65,6 +67,7 @@ def write_shards(
                 original = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
                 tar.addfile(*_member(f"{key}.{ext}", path.read_bytes()))
                 tar.addfile(*_member(f"{key}.json", json.dumps({"path": original}).encode()))
+        save_index(index_path(str(partial / names[-1])), *index_shard(str(partial / names[-1])))
     info = {
         "name": out.name,
         "splits": {

@@ -14,6 +14,7 @@ with the number of images); its images are then read with one ``pread`` each.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -131,6 +132,41 @@ def index_shard(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
 
 
+def index_path(shard: str) -> str:
+    """The member index ``loca shards`` writes beside a shard: ``NAME.tar`` -> ``NAME.idx.npy``."""
+    return shard[: -len(".tar")] + ".idx.npy" if shard.endswith(".tar") else shard + ".idx.npy"
+
+
+def save_index(path: str, offsets: np.ndarray, sizes: np.ndarray) -> None:
+    """Store a shard's index (int64 ``[samples, 2]``: offset, size) atomically."""
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "wb") as handle:
+        np.save(handle, np.stack([offsets, sizes], axis=1).astype(np.int64))
+    os.replace(partial, path)
+
+
+def load_index(path: str, url: str, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's (offsets, sizes): from the index ``loca shards`` wrote beside it, else from this machine's cache of
+    indexes (keyed by URL, size and mtime: a changed file is indexed again), else read from its headers and cached.
+
+    Reading the headers costs a small read per member; every worker of every rank would do it for every shard it
+    touches, so it is done once per machine.
+    """
+    stat = os.stat(path)
+    beside = index_path(path)
+    if os.path.exists(beside) and os.stat(beside).st_mtime_ns >= stat.st_mtime_ns:
+        table = np.load(beside)
+    else:
+        key = hashlib.sha256(f"{url}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+        cached = os.path.join(cache_dir, "index", f"{key}.npy")
+        if not os.path.exists(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            save_index(cached, *index_shard(path))
+        table = np.load(cached)
+    whole = np.cumprod(table[:, 0] + table[:, 1] <= stat.st_size).astype(bool)  # a truncated shard: up to its end
+    return table[whole, 0], table[whole, 1]
+
+
 class ShardSamples:
     """Images of a shard set by global sample index; what each process opens and indexes, it keeps to itself.
 
@@ -180,7 +216,7 @@ class ShardSamples:
         if shard not in state["index"]:
             try:
                 path = shard_io.fetch(url, self.cache_dir)
-                offsets, sizes = index_shard(path)
+                offsets, sizes = load_index(path, url, self.cache_dir)
             except (OSError, tarfile.TarError) as error:
                 log.error("shard %s cannot be read (%s): its %d samples are replaced", url, error, self.counts[shard])
                 offsets, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -1,0 +1,200 @@
+"""Shard part of ``make bench``: per-worker LOCA samples/s from a folder, from tar shards (ours, wids, webdataset) and
+from an ``http://127.0.0.1`` server, and the time to the first batch with a cold page cache, folder vs shards.
+
+    python benchmarks/run.py --parts shards                   # inside `make bench`
+    python benchmarks/shard_bench.py                          # this part alone, printed as JSON
+
+One worker = this process with one torch thread, items drawn in a shuffled order (what the sampler gives; webdataset,
+an iterable reader, reads its shards in order) and collated into batches. wids and webdataset are measured when
+installed (``pip install webdataset wids``); they are not dependencies of the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pipeline import RELEASED_VIEWS, write_jpegs
+from torch.utils.data import default_collate
+
+from loca_lightning.data.images import decode_image, read_image
+from loca_lightning.data.pretrain import LOCAPretrainDataModule
+from loca_lightning.data.shard_writer import shards_pattern, write_shards
+from loca_lightning.data.shards import index_shard, open_shards
+from loca_lightning.pretrain.views import LOCAViews
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=folder))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _rate(make_items: Callable[[], Iterable], views: LOCAViews | None, n: int, batch: int, repeats: int) -> float:
+    """Median samples/s over ``repeats`` passes of ``n`` images: bytes or arrays -> (views -> batches of ``batch``)."""
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats):
+        start, pending = time.perf_counter(), []
+        for item in make_items():
+            if views is not None:
+                pending.append(views(item, rng))
+                if len(pending) == batch:
+                    default_collate(pending)
+                    pending = []
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
+def _wids_dataset(shards: list[Path], counts: list[int]):
+    import wids
+
+    spec = [{"url": str(s), "nsamples": int(c)} for s, c in zip(shards, counts)]
+    # localname=identity: read local shards in place (wids' default copies every shard into /tmp/_wids_cache first)
+    return wids.ShardListDataset(spec, localname=lambda url: url, transformations=[])
+
+
+def bench_per_worker(images: int = 96, batch_size: int = 32, repeats: int = 3, shard_size: int = 24) -> dict:
+    """Samples/s of one worker, with LOCA's released views and without (reading and decoding only)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out: dict = {"images": images, "shard_size": shard_size, "with_views": {}, "decode_only": {}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="loca_shard_bench_") as tmp:
+            tmp = Path(tmp)
+            paths = write_jpegs(tmp / "images", images)
+            shards = write_shards(paths, tmp / "shards", shard_size)
+            order = np.random.default_rng(1).permutation(images).tolist()
+            views = LOCAViews(**RELEASED_VIEWS)
+            server, base = _serve(tmp / "shards")
+            ours = open_shards(shards_pattern(shards))
+            readers: dict[str, Callable[[], Iterable]] = {
+                "folder": lambda: (read_image(paths[i]) for i in order),
+                "shards (ours)": lambda: (ours.read(i) for i in order),
+            }
+            try:
+                wds_data = _wids_dataset(shards, list(ours.counts))
+                readers["shards (wids)"] = lambda: (
+                    decode_image(np.frombuffer(wds_data[i][".jpg"].getvalue(), np.uint8), "wids") for i in order
+                )
+            except ImportError:
+                pass
+            try:
+                import webdataset as wds
+
+                urls = [str(s) for s in shards]
+                readers["shards (webdataset, in order)"] = lambda: (
+                    decode_image(np.frombuffer(s["jpg"], np.uint8), s["__key__"])
+                    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+                )
+            except ImportError:
+                pass
+            for name, make in readers.items():
+                out["decode_only"][name] = _rate(make, None, images, batch_size, repeats)
+                out["with_views"][name] = _rate(make, views, images, batch_size, repeats)
+            # http: every pass starts with an empty cache, so each one fetches all its shards whole
+            passes = []
+            for r in range(repeats):
+                remote = open_shards(f"{base}/{shards_pattern(shards).rsplit('/', 1)[1]}", str(tmp / f"cache{r}"))
+                passes.append(
+                    _rate(lambda remote=remote: (remote.read(i) for i in order), views, images, batch_size, 1)
+                )
+            out["with_views"]["http, whole shards fetched in the pass"] = statistics.median(passes)
+            server.shutdown()
+            server.server_close()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _drop_page_cache(folder: Path) -> None:
+    """Evict ``folder``'s files from the page cache (POSIX_FADV_DONTNEED; the directory entries stay cached)."""
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _first_batch_s(views: LOCAViews, batch_size: int, **source) -> float:
+    start = time.perf_counter()
+    dm = LOCAPretrainDataModule(views=views, batch_size=batch_size, num_workers=0, pin_memory=False, **source)
+    next(iter(dm.train_dataloader()))
+    return time.perf_counter() - start
+
+
+def bench_start_up(images: int = 20000, folders: int = 100, shard_size: int = 1000, batch_size: int = 32) -> dict:
+    """Seconds from building the DataModule to its first batch, page cache dropped first: folder vs shards."""
+    views = LOCAViews(**{**RELEASED_VIEWS, "reference_size": 64, "query_size": 64, "focal_size": 32})
+    out: dict = {"images": images, "folders": folders, "shards": -(-images // shard_size)}
+    with tempfile.TemporaryDirectory(prefix="loca_startup_bench_") as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(images):  # small JPEGs: what grows is the number of files, not the bytes
+            path = tmp / "images" / f"n{i % folders:05d}" / f"{i:08d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), rng.integers(0, 256, (72, 72, 3), dtype=np.uint8))
+            paths.append(path)
+        start = time.perf_counter()
+        shards = write_shards(sorted(paths), tmp / "shards", shard_size)
+        out["write_shards_s"] = time.perf_counter() - start
+        pattern = shards_pattern(shards)
+        for name, source in (
+            ("folder", dict(source="folder", root=str(tmp / "images"))),
+            ("shards", dict(source="shards", shards=pattern)),
+        ):
+            _drop_page_cache(tmp)
+            out[f"{name}_first_batch_s"] = _first_batch_s(views, batch_size, **source)
+        _drop_page_cache(tmp)
+        start = time.perf_counter()
+        counted = sum(len(index_shard(str(s))[0]) for s in shards)
+        out["count_without_info_s"] = time.perf_counter() - start
+        assert counted == images
+    return out
+
+
+def bench_shards(quick: bool = False, repeats: int = 3) -> dict:
+    """The shard part of ``make bench``."""
+    return {
+        "per_worker": bench_per_worker(images=48 if quick else 96, repeats=repeats),
+        "start_up": bench_start_up(images=4000 if quick else 20000),
+    }
+
+
+def format_shard_rows(result: dict) -> list[str]:
+    """Rows of run.py's table (part | setting | throughput | detail | peak RSS | others)."""
+    per, start = result["per_worker"], result["start_up"]
+    rows = []
+    for name, rate in per["with_views"].items():
+        decode = per["decode_only"].get(name)
+        detail = f"decode only {decode:.0f}/s" if decode else "first pass, empty cache"
+        rows.append(f"| shards | 1 worker, {name}, released views | {rate:.0f} samples/s | {detail} | n/a | n/a |")
+    rows.append(
+        f"| shards | first batch, cold page cache, {start['images']} images | folder {start['folder_first_batch_s']:.2f}"
+        f" s, {start['shards']} shards {start['shards_first_batch_s']:.2f} s | counting without _info.json "
+        f"{start['count_without_info_s']:.2f} s | n/a | n/a |"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_shards(), indent=1))
