@@ -28,7 +28,7 @@ import torch
 from pipeline import RELEASED_VIEWS, write_jpegs
 from torch.utils.data import default_collate
 
-from loca_lightning.data.images import decode_image, read_image
+from loca_lightning.data.images import decode_image
 from loca_lightning.data.pretrain import LOCAPretrainDataModule
 from loca_lightning.data.shard_writer import shards_pattern, write_shards
 from loca_lightning.data.shards import index_shard, open_shards
@@ -46,20 +46,21 @@ def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _rate(make_items: Callable[[], Iterable], views: LOCAViews | None, n: int, batch: int, repeats: int) -> float:
-    """Median samples/s over ``repeats`` passes of ``n`` images: bytes or arrays -> (views -> batches of ``batch``)."""
+def _pass_s(make_bytes: Callable[[], Iterable[bytes]], stage: str, views: LOCAViews, batch: int) -> float:
+    """Seconds of one pass: the encoded images only (``read``), decoded too (``decode``), or decoded, LOCA views and
+    batches (``views``)."""
     rng = np.random.default_rng(0)
-    times = []
-    for _ in range(repeats):
-        start, pending = time.perf_counter(), []
-        for item in make_items():
-            if views is not None:
-                pending.append(views(item, rng))
-                if len(pending) == batch:
-                    default_collate(pending)
-                    pending = []
-        times.append(time.perf_counter() - start)
-    return n / statistics.median(times)
+    start, pending = time.perf_counter(), []
+    for data in make_bytes():
+        if stage == "read":
+            continue
+        image = decode_image(np.frombuffer(data, np.uint8), "bench")
+        if stage == "views":
+            pending.append(views(image, rng))
+            if len(pending) == batch:
+                default_collate(pending)
+                pending = []
+    return time.perf_counter() - start
 
 
 def _wids_dataset(shards: list[Path], counts: list[int]):
@@ -70,11 +71,15 @@ def _wids_dataset(shards: list[Path], counts: list[int]):
     return wids.ShardListDataset(spec, localname=lambda url: url, transformations=[])
 
 
+STAGES = ("read", "decode", "views")
+
+
 def bench_per_worker(images: int = 96, batch_size: int = 32, repeats: int = 3, shard_size: int = 24) -> dict:
-    """Samples/s of one worker, with LOCA's released views and without (reading and decoding only)."""
+    """Samples/s of one worker per reader: reading the encoded images, + decoding, + LOCA's released views and
+    batching. Readers take turns within each repeat (a shared machine's load drifts); medians are reported."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out: dict = {"images": images, "shard_size": shard_size, "with_views": {}, "decode_only": {}}
+    out: dict = {"images": images, "shard_size": shard_size, "batch_size": batch_size}
     try:
         with tempfile.TemporaryDirectory(prefix="loca_shard_bench_") as tmp:
             tmp = Path(tmp)
@@ -83,16 +88,14 @@ def bench_per_worker(images: int = 96, batch_size: int = 32, repeats: int = 3, s
             order = np.random.default_rng(1).permutation(images).tolist()
             views = LOCAViews(**RELEASED_VIEWS)
             server, base = _serve(tmp / "shards")
-            ours = open_shards(shards_pattern(shards))
-            readers: dict[str, Callable[[], Iterable]] = {
-                "folder": lambda: (read_image(paths[i]) for i in order),
-                "shards (ours)": lambda: (ours.read(i) for i in order),
+            ours = open_shards(shards_pattern(shards), str(tmp / "cache"))
+            readers: dict[str, Callable[[], Iterable[bytes]]] = {
+                "folder": lambda: (paths[i].read_bytes() for i in order),
+                "shards (ours)": lambda: (ours.read_bytes(i) for i in order),
             }
             try:
-                wds_data = _wids_dataset(shards, list(ours.counts))
-                readers["shards (wids)"] = lambda: (
-                    decode_image(np.frombuffer(wds_data[i][".jpg"].getvalue(), np.uint8), "wids") for i in order
-                )
+                wids_data = _wids_dataset(shards, list(ours.counts))
+                readers["shards (wids)"] = lambda: (wids_data[i][".jpg"].getvalue() for i in order)
             except ImportError:
                 pass
             try:
@@ -100,26 +103,30 @@ def bench_per_worker(images: int = 96, batch_size: int = 32, repeats: int = 3, s
 
                 urls = [str(s) for s in shards]
                 readers["shards (webdataset, in order)"] = lambda: (
-                    decode_image(np.frombuffer(s["jpg"], np.uint8), s["__key__"])
-                    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+                    s["jpg"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
                 )
             except ImportError:
                 pass
-            for name, make in readers.items():
-                out["decode_only"][name] = _rate(make, None, images, batch_size, repeats)
-                out["with_views"][name] = _rate(make, views, images, batch_size, repeats)
-            # http: every pass starts with an empty cache, so each one fetches all its shards whole
-            passes = []
-            for r in range(repeats):
-                remote = open_shards(f"{base}/{shards_pattern(shards).rsplit('/', 1)[1]}", str(tmp / f"cache{r}"))
-                passes.append(
-                    _rate(lambda remote=remote: (remote.read(i) for i in order), views, images, batch_size, 1)
-                )
-            out["with_views"]["http, whole shards fetched in the pass"] = statistics.median(passes)
+            fetches = iter(range(10**6))
+
+            def http_reader() -> Iterable[bytes]:  # every pass starts with an empty cache: it fetches its shards
+                pattern = f"{base}/{shards_pattern(shards).rsplit('/', 1)[1]}"
+                remote = open_shards(pattern, str(tmp / f"http_cache{next(fetches)}"))
+                return (remote.read_bytes(i) for i in order)
+
+            readers["http (ours), shards fetched whole in the pass"] = http_reader
+            times: dict = {(name, stage): [] for name in readers for stage in STAGES}
+            for _ in range(repeats):
+                for name, make in readers.items():
+                    for stage in STAGES:
+                        times[name, stage].append(_pass_s(make, stage, views, batch_size))
             server.shutdown()
             server.server_close()
     finally:
         torch.set_num_threads(threads)
+    out["samples_per_s"] = {
+        name: {stage: images / statistics.median(times[name, stage]) for stage in STAGES} for name in readers
+    }
     return out
 
 
@@ -134,9 +141,11 @@ def _drop_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def _first_batch_s(views: LOCAViews, batch_size: int, **source) -> float:
+def _first_batch_s(views: LOCAViews, batch_size: int, cache: Path, **source) -> float:
     start = time.perf_counter()
-    dm = LOCAPretrainDataModule(views=views, batch_size=batch_size, num_workers=0, pin_memory=False, **source)
+    dm = LOCAPretrainDataModule(
+        views=views, batch_size=batch_size, num_workers=0, pin_memory=False, shard_cache=str(cache), **source
+    )
     next(iter(dm.train_dataloader()))
     return time.perf_counter() - start
 
@@ -163,7 +172,13 @@ def bench_start_up(images: int = 20000, folders: int = 100, shard_size: int = 10
             ("shards", dict(source="shards", shards=pattern)),
         ):
             _drop_page_cache(tmp)
-            out[f"{name}_first_batch_s"] = _first_batch_s(views, batch_size, **source)
+            out[f"{name}_first_batch_s"] = _first_batch_s(views, batch_size, tmp / "cache", **source)
+        for index in (tmp / "shards").glob("*.idx.npy"):  # as timm's shards: headers read (once per machine)
+            index.unlink()
+        _drop_page_cache(tmp)
+        out["shards_without_index_first_batch_s"] = _first_batch_s(
+            views, batch_size, tmp / "cache_without_index", source="shards", shards=pattern
+        )
         _drop_page_cache(tmp)
         start = time.perf_counter()
         counted = sum(len(index_shard(str(s))[0]) for s in shards)
@@ -184,13 +199,15 @@ def format_shard_rows(result: dict) -> list[str]:
     """Rows of run.py's table (part | setting | throughput | detail | peak RSS | others)."""
     per, start = result["per_worker"], result["start_up"]
     rows = []
-    for name, rate in per["with_views"].items():
-        decode = per["decode_only"].get(name)
-        detail = f"decode only {decode:.0f}/s" if decode else "first pass, empty cache"
-        rows.append(f"| shards | 1 worker, {name}, released views | {rate:.0f} samples/s | {detail} | n/a | n/a |")
+    for name, rates in per["samples_per_s"].items():
+        rows.append(
+            f"| shards | 1 worker, {name}, released views, batch {per['batch_size']} | {rates['views']:.0f} samples/s"
+            f" | read only {rates['read']:.0f}/s, + decode {rates['decode']:.0f}/s | n/a | n/a |"
+        )
     rows.append(
         f"| shards | first batch, cold page cache, {start['images']} images | folder {start['folder_first_batch_s']:.2f}"
-        f" s, {start['shards']} shards {start['shards_first_batch_s']:.2f} s | counting without _info.json "
+        f" s, {start['shards']} shards {start['shards_first_batch_s']:.2f} s | without .idx.npy "
+        f"{start['shards_without_index_first_batch_s']:.2f} s; counting without _info.json "
         f"{start['count_without_info_s']:.2f} s | n/a | n/a |"
     )
     return rows

@@ -324,3 +324,15 @@ def test_two_gloo_processes_over_uneven_shards_take_equal_steps_and_see_every_sa
     assert all(len(set(sum(r["batches"], []))) == len(sum(r["batches"], [])) for r in results)  # none twice per rank
     # every sample at most once across ranks; only the two dropped partial batches (3 each) miss the epoch
     assert len(set(drawn)) == len(drawn) == 24 and set(drawn) <= set(range(30))
+
+
+def test_shard_benchmark_at_tiny_sizes() -> None:
+    import shard_bench  # benchmarks/ is on pytest's pythonpath
+
+    result = {
+        "per_worker": shard_bench.bench_per_worker(images=4, batch_size=2, repeats=1, shard_size=2),
+        "start_up": shard_bench.bench_start_up(images=40, folders=4, shard_size=10, batch_size=2),
+    }
+    assert set(result["per_worker"]["samples_per_s"]) >= {"folder", "shards (ours)"}
+    assert all(r["views"] > 0 for r in result["per_worker"]["samples_per_s"].values())
+    assert len(shard_bench.format_shard_rows(result)) == len(result["per_worker"]["samples_per_s"]) + 1

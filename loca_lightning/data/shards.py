@@ -244,6 +244,10 @@ class ShardSamples:
 
     def read(self, index: int) -> np.ndarray:
         """The image of sample ``index``, RGB uint8 ``[H, W, 3]``; raises when it is missing or cannot be decoded."""
+        return decode_image(np.frombuffer(self.read_bytes(index), dtype=np.uint8), self.name(index))
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image of sample ``index`` as stored in its shard; raises OSError when it is missing."""
         shard, k = self.locate(index)
         fd, offsets, sizes = self._shard(shard)
         if k >= len(offsets):
@@ -253,7 +257,7 @@ class ShardSamples:
         data = os.pread(fd, int(sizes[k]), int(offsets[k]))
         if len(data) != sizes[k]:
             raise OSError(f"shard {self.urls[shard]} ends inside sample {k}")
-        return decode_image(np.frombuffer(data, dtype=np.uint8), self.name(index))
+        return data
 
     def next_candidate(self, index: int) -> int:
         """The sample tried after ``index`` failed: the next one, or the next shard's first when ``index``'s shard
