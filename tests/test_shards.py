@@ -336,3 +336,36 @@ def test_shard_benchmark_at_tiny_sizes() -> None:
     assert set(result["per_worker"]["samples_per_s"]) >= {"folder", "shards (ours)"}
     assert all(r["views"] > 0 for r in result["per_worker"]["samples_per_s"].values())
     assert len(shard_bench.format_shard_rows(result)) == len(result["per_worker"]["samples_per_s"]) + 1
+
+
+@pytest.mark.slow
+def test_demo_config_trains_from_shards_past_a_corrupt_member_and_a_truncated_shard(tmp_path: Path) -> None:
+    """`loca fit --config configs/demo/pretrain.yaml --data.init_args.shards PATTERN`: one argument switches the demo
+    from synthetic scenes to shards; a bad member and a shard cut short are named, replaced and counted."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    shards = write_shards(write_jpegs(tmp_path / "images", 40, shape=(48, 48)), tmp_path / "shards", 10)
+    offsets, _ = index_shard(str(shards[0]))
+    with open(shards[0], "r+b") as handle:
+        handle.seek(int(offsets[2]))
+        handle.write(b"garbage!" * 40)
+    offsets, _ = index_shard(str(shards[3]))
+    with open(shards[3], "r+b") as handle:
+        handle.truncate(int(offsets[5]) // 512 * 512)
+    command = [
+        sys.executable, "-m", "loca_lightning.cli", "fit", "--config", str(root / "configs/demo/pretrain.yaml"),
+        f"--data.init_args.shards={shards_pattern(shards)}", "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=1", "--trainer.max_epochs=2", "--data.init_args.views.num_focal=2", "--trainer.callbacks=[]", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--checkpoint.dirpath=ckpt",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root), "LOCA_SHARD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    printed = subprocess.run([*command, "--print_config"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert f"shards: {shards_pattern(shards)}" in printed.stdout, printed.stderr[-2000:]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "train-000000.tar[sample 2]" in run.stderr  # the corrupt member, named
+    assert "train-000003.tar holds 5 of its 10 samples" in run.stderr  # the truncated shard, named
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 10  # 40 samples / 8 = 5 steps an epoch, whatever was skipped
+    assert saved["state_dict"]["skipped_images"] >= 1

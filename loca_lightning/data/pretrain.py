@@ -166,10 +166,7 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         super().__init__()
         if source not in ("folder", "list", "shards", "synthetic"):
             raise ValueError(f"source must be 'folder', 'list', 'shards' or 'synthetic', got {source!r}")
-        if shards is not None and source != "shards":
-            raise ValueError(
-                f"data.init_args.shards is set but source is {source!r}: add --data.init_args.source=shards"
-            )
+        source = self.source_of(source, root, list_file, shards)
         missing = self.missing_arguments(source=source, root=root, list_file=list_file, shards=shards)
         if missing:
             raise ValueError(missing_message(missing))
@@ -178,6 +175,7 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(ignore=["views"])
+        self.hparams["source"] = source  # as resolved (under the CLI the saved values are the config's)
         # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
         self.batch_size = batch_size
         if not isinstance(views, LOCAViews):
@@ -185,6 +183,17 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         self._views = views
         self.hparams["views"] = dict(views.settings)  # plain values: checkpoints stay loadable with weights_only
         self.dataset: LOCAPretrainDataset | None = None
+
+    @staticmethod
+    def source_of(source: str, root: str | None, list_file: str | None, shards: str | list[str] | None) -> str:
+        """The source these settings read: ``shards`` when shards are given and the configured source's own input is
+        not (so that one argument, ``--data.init_args.shards``, switches a folder config to shards)."""
+        if not shards or source == "shards":
+            return source
+        own = {"folder": root, "list": list_file, "synthetic": None}[source]
+        if own is not None:
+            raise ValueError(f"data.init_args.shards and the {source} source's input are both set: keep one of them")
+        return "shards"
 
     @staticmethod
     def missing_arguments(
@@ -196,6 +205,8 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
     ) -> list[tuple[str, str]]:
         """(argument, what it is) for each argument these settings need but leave unset; the CLI checks them before
         it builds anything."""
+        if source in ("folder", "list", "synthetic", "shards"):
+            source = LOCAPretrainDataModule.source_of(source, root, list_file, shards)
         if source == "folder" and root is None:
             return [("root", "the folder of training images (a tree of image files, e.g. ImageNet's train/)")]
         if source == "list" and list_file is None:
