@@ -47,11 +47,14 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                 raise FileNotFoundError(f"shard list {spec!r} does not exist")
             lines = [s.strip() for s in listing.read_text().splitlines()]
             base = listing.parent
-            return [
+            urls = [
                 s if "://" in s or s.startswith("pipe:") or os.path.isabs(s) else str(base / s)
                 for s in lines
                 if s and not s.startswith("#")
             ]
+            if not urls:
+                raise ValueError(f"shard list {spec!r} names no shards")
+            return urls
         spec = [spec]
     urls = [url for item in spec for url in braceexpand.braceexpand(item)]
     if not urls:
