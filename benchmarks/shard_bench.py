@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from machine import OtherLoad
 from pipeline import RELEASED_VIEWS, write_jpegs
 from torch.utils.data import default_collate
 
@@ -46,11 +47,11 @@ def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _pass_s(make_bytes: Callable[[], Iterable[bytes]], stage: str, views: LOCAViews, batch: int) -> float:
-    """Seconds of one pass: the encoded images only (``read``), decoded too (``decode``), or decoded, LOCA views and
-    batches (``views``)."""
+def _pass_s(make_bytes: Callable[[], Iterable[bytes]], stage: str, views: LOCAViews, batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one pass: the encoded images only (``read``), decoded too (``decode``), or decoded,
+    LOCA views and batches (``views``). CPU time is this process's (the http server thread included)."""
     rng = np.random.default_rng(0)
-    start, pending = time.perf_counter(), []
+    start, cpu, pending = time.perf_counter(), time.process_time(), []
     for data in make_bytes():
         if stage == "read":
             continue
@@ -60,7 +61,7 @@ def _pass_s(make_bytes: Callable[[], Iterable[bytes]], stage: str, views: LOCAVi
             if len(pending) == batch:
                 default_collate(pending)
                 pending = []
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _wids_dataset(shards: list[Path], counts: list[int]):
@@ -116,16 +117,23 @@ def bench_per_worker(images: int = 96, batch_size: int = 32, repeats: int = 3, s
 
             readers["http (ours), shards fetched whole in the pass"] = http_reader
             times: dict = {(name, stage): [] for name in readers for stage in STAGES}
+            load = OtherLoad().start()
             for _ in range(repeats):
                 for name, make in readers.items():
                     for stage in STAGES:
                         times[name, stage].append(_pass_s(make, stage, views, batch_size))
+            out["others_cores"] = load.stop()
             server.shutdown()
             server.server_close()
     finally:
         torch.set_num_threads(threads)
     out["samples_per_s"] = {
-        name: {stage: images / statistics.median(times[name, stage]) for stage in STAGES} for name in readers
+        name: {stage: images / statistics.median(t[0] for t in times[name, stage]) for stage in STAGES}
+        for name in readers
+    }
+    out["samples_per_cpu_s"] = {  # robust to other processes on a shared machine
+        name: {stage: images / statistics.median(t[1] for t in times[name, stage]) for stage in STAGES}
+        for name in readers
     }
     return out
 
@@ -199,10 +207,13 @@ def format_shard_rows(result: dict) -> list[str]:
     """Rows of run.py's table (part | setting | throughput | detail | peak RSS | others)."""
     per, start = result["per_worker"], result["start_up"]
     rows = []
+    others = "n/a" if per.get("others_cores") is None else f"{per['others_cores']:.2f}"
     for name, rates in per["samples_per_s"].items():
+        cpu = per["samples_per_cpu_s"][name]
         rows.append(
             f"| shards | 1 worker, {name}, released views, batch {per['batch_size']} | {rates['views']:.0f} samples/s"
-            f" | read only {rates['read']:.0f}/s, + decode {rates['decode']:.0f}/s | n/a | n/a |"
+            f" ({cpu['views']:.0f} per CPU-s) | per CPU-s: read only {cpu['read']:.0f}, + decode {cpu['decode']:.0f}"
+            f" | n/a | {others} |"
         )
     rows.append(
         f"| shards | first batch, cold page cache, {start['images']} images | folder {start['folder_first_batch_s']:.2f}"
