@@ -72,6 +72,10 @@ def test_writer_round_trip_is_deterministic_and_never_overwrites(shard_set, tmp_
     assert "--data.init_args.source=shards" in printed and "train-{000000..000002}.tar" in printed
     for mine, again in zip(shards, sorted((tmp_path / "again").glob("*.tar"))):
         assert mine.read_bytes() == again.read_bytes()  # deterministic
+    listing = tmp_path / "images" / "list.txt"  # a path list gives the same shards as the folder it lists
+    listing.write_text("".join(f"{p.relative_to(tmp_path / 'images')}\n" for p in paths))
+    shards_main([str(listing), str(tmp_path / "from_list"), "--shard-size", "10"])
+    assert [p.read_bytes() for p in sorted((tmp_path / "from_list").glob("*.tar"))] == [s.read_bytes() for s in shards]
     before = shards[0].read_bytes()
     with pytest.raises(SystemExit):
         shards_main([str(tmp_path / "images"), str(tmp_path / "shards")])
