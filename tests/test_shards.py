@@ -163,6 +163,10 @@ def test_unreachable_missing_or_truncated_shards_stop_at_start_up_naming_them(sh
         handle.truncate(5000)
     with pytest.raises(ValueError, match=r"1 of 3 shards are unusable: .*train-000001.tar \(5000 bytes.*truncated"):
         open_shards(str(folder / "train-{000000..000002}.tar"))
+    with open(folder / "train-000001.tar", "r+b") as handle:  # cut at a block boundary, inside a member's data
+        handle.truncate(4608)
+    with pytest.raises(ValueError, match=r"train-000001.tar \(no end-of-archive blocks: truncated"):
+        open_shards(str(folder / "train-{000000..000002}.tar"))
 
 
 def _dataset(spec: str) -> LOCAPretrainDataset:
@@ -278,7 +282,8 @@ def test_start_up_file_system_operations_grow_with_shards_not_images(tmp_path: P
         ops["shards", n] = _start_up_ops(monkeypatch, source="shards", shards=shards_pattern(shards))
     print(ops)
     assert ops["shards", 40][0] == ops["shards", 160][0]  # setup: nothing grows with the images
-    assert ops["shards", 40][0] == {"open": 1, "listdir": 0, "entries": 0, "stat": 4}  # a stat a shard, _info.json
+    # a stat and a read of the last 1 KB a shard, and _info.json
+    assert ops["shards", 40][0] == {"open": 4 + 1, "listdir": 0, "entries": 0, "stat": 4}
     for n in (
         40,
         160,
@@ -348,7 +353,9 @@ def test_shard_benchmark_at_tiny_sizes() -> None:
 @pytest.mark.slow
 def test_demo_config_trains_from_shards_past_a_corrupt_member_and_a_truncated_shard(tmp_path: Path) -> None:
     """`loca fit --config configs/demo/pretrain.yaml --data.init_args.shards PATTERN`: one argument switches the demo
-    from synthetic scenes to shards; a bad member and a shard cut short are named, replaced and counted."""
+    from synthetic scenes to shards; a bad member and a shard cut short are named, replaced and counted. The shard is
+    rewritten whole with 5 of its 10 samples (a tar cut inside a member stops the run at start-up); while training
+    it reads as a shard truncated after start-up does (`test_shard_truncated_after_start_up_...`)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -357,9 +364,11 @@ def test_demo_config_trains_from_shards_past_a_corrupt_member_and_a_truncated_sh
     with open(shards[0], "r+b") as handle:
         handle.seek(int(offsets[2]))
         handle.write(b"garbage!" * 40)
-    offsets, _ = index_shard(str(shards[3]))
-    with open(shards[3], "r+b") as handle:
-        handle.truncate(int(offsets[5]) // 512 * 512)
+    with tarfile.open(shards[3]) as tar:  # a shard that holds 5 of the 10 samples _info.json counts
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()[:10]]
+    with tarfile.open(shards[3], "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
     command = [
         sys.executable, "-m", "loca_lightning.cli", "fit", "--config", str(root / "configs/demo/pretrain.yaml"),
         f"--data.init_args.shards={shards_pattern(shards)}", "--data.init_args.batch_size=8",
@@ -372,7 +381,7 @@ def test_demo_config_trains_from_shards_past_a_corrupt_member_and_a_truncated_sh
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "train-000000.tar[sample 2]" in run.stderr  # the corrupt member, named
-    assert "train-000003.tar holds 5 of its 10 samples" in run.stderr  # the truncated shard, named
+    assert "train-000003.tar holds 5 of its 10 samples" in run.stderr  # the short shard, named
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 10  # 40 samples / 8 = 5 steps an epoch, whatever was skipped
     assert saved["state_dict"]["skipped_images"] >= 1

@@ -134,7 +134,8 @@ def shard_size(url: str) -> int | None:
 def check_shards(urls: list[str], threads: int = 16) -> None:
     """Stop with one message naming every shard that cannot be reached or whose size is not whole tar blocks.
 
-    One stat (local) or HEAD request (http) per shard, in parallel: start-up grows with the number of shards.
+    One stat and one read of the last 1 KB (local) or a HEAD request (http) per shard, in parallel: start-up grows
+    with the number of shards.
     """
 
     def problem(url: str) -> str | None:
@@ -144,6 +145,8 @@ def check_shards(urls: list[str], threads: int = 16) -> None:
             return f"{url} (cannot be reached: {getattr(error, 'strerror', None) or error})"
         if size is not None and (size == 0 or size % TAR_BLOCK):
             return f"{url} ({size} bytes, not a whole number of {TAR_BLOCK}-byte tar blocks: truncated)"
+        if is_local(url) and not _ends_like_a_tar(local_path(url), size):
+            return f"{url} (no end-of-archive blocks: truncated)"
         return None
 
     with ThreadPoolExecutor(min(threads, max(1, len(urls)))) as pool:
@@ -154,6 +157,14 @@ def check_shards(urls: list[str], threads: int = 16) -> None:
             f"{len(bad)} of {len(urls)} shards are unusable: {listed}. Fix or replace them, or leave them out of "
             "data.init_args.shards (the run stops rather than train on a different set of samples)"
         )
+
+
+def _ends_like_a_tar(path: str, size: int) -> bool:
+    """A complete tar file ends with two zero blocks (tarfile and GNU tar pad further); a cut one ends in data."""
+    if size < 2 * TAR_BLOCK:
+        return False
+    with open(path, "rb") as handle:
+        return not any(os.pread(handle.fileno(), 2 * TAR_BLOCK, size - 2 * TAR_BLOCK))
 
 
 def shard_dir(url: str) -> str:

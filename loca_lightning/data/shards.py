@@ -94,7 +94,10 @@ def sample_counts(urls: list[str], cache_dir: str) -> list[int]:
     if counts is not None:
         return counts
     start = time.perf_counter()
-    counts = [len(index_shard(shard_io.fetch(url, cache_dir))[0]) for url in urls]
+    counts = []
+    for url in urls:  # through the machine's index cache: the first reads of these shards will not read them again
+        path = shard_io.fetch(url, cache_dir)
+        counts.append(len(load_index(path, url, cache_dir)[0]))
     log.warning(
         "counted %d samples in %d shards in %.1f s (no _info.json with shard_lengths beside %s; `loca shards` writes one)",
         sum(counts),
