@@ -385,3 +385,21 @@ def test_demo_config_trains_from_shards_past_a_corrupt_member_and_a_truncated_sh
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 10  # 40 samples / 8 = 5 steps an epoch, whatever was skipped
     assert saved["state_dict"]["skipped_images"] >= 1
+
+
+def test_fsspec_urls_are_checked_at_start_up_and_fetched_whole(shard_set, tmp_path: Path) -> None:
+    """fsspec's in-memory file system stands in for s3:// or gs:// (not reachable here)."""
+    import fsspec
+
+    paths, shards = shard_set
+    memory = fsspec.filesystem("memory")
+    for path in [*shards, shards[0].parent / "_info.json"]:
+        memory.pipe(f"/loca_test_shards/{path.name}", path.read_bytes())
+    try:
+        samples = open_shards("memory://loca_test_shards/train-{000000..000002}.tar", str(tmp_path / "cache"))
+        assert list(samples.counts) == [10, 10, 5]  # from _info.json, read through fsspec
+        assert np.array_equal(samples.read(24), read_image(paths[24]))
+        with pytest.raises(ValueError, match=r"memory://loca_test_shards/train-000003.tar \(cannot be reached"):
+            open_shards("memory://loca_test_shards/train-{000000..000003}.tar", str(tmp_path / "cache"))
+    finally:
+        memory.rm("/loca_test_shards", recursive=True)

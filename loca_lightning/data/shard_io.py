@@ -114,14 +114,22 @@ def read_small(url: str) -> bytes | None:
 
 
 def shard_size(url: str) -> int | None:
-    """The size in bytes of shard ``url`` (None where the source cannot tell without fetching it: pipe:, fsspec).
+    """The size in bytes of shard ``url`` (None for ``pipe:``, which cannot tell without running its command).
 
     Raises OSError with the URL and the reason when the shard cannot be reached.
     """
     if is_local(url):
         return os.stat(local_path(url)).st_size
-    if url.startswith("pipe:") or urlparse(url).scheme not in ("http", "https"):
+    if url.startswith("pipe:"):
         return None
+    if urlparse(url).scheme not in ("http", "https"):
+        import fsspec
+
+        try:
+            filesystem, path = fsspec.core.url_to_fs(url)
+            return int(filesystem.size(path))
+        except Exception as error:  # fsspec backends raise their own types (and ImportError without the backend)
+            raise OSError(f"{type(error).__name__}: {error}") from error
     request = urllib.request.Request(url, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
@@ -134,7 +142,8 @@ def shard_size(url: str) -> int | None:
 def check_shards(urls: list[str], threads: int = 16) -> None:
     """Stop with one message naming every shard that cannot be reached or whose size is not whole tar blocks.
 
-    One stat and one read of the last 1 KB (local) or a HEAD request (http) per shard, in parallel: start-up grows
+    One stat and one read of the last 1 KB (local), a HEAD request (http) or an fsspec ``size`` per shard, in
+    parallel: start-up grows
     with the number of shards.
     """
 
