@@ -403,3 +403,16 @@ def test_fsspec_urls_are_checked_at_start_up_and_fetched_whole(shard_set, tmp_pa
             open_shards("memory://loca_test_shards/train-{000000..000003}.tar", str(tmp_path / "cache"))
     finally:
         memory.rm("/loca_test_shards", recursive=True)
+
+
+def test_shards_argument_selects_the_source_unless_another_input_is_set(shard_set, tmp_path: Path) -> None:
+    pattern = shards_pattern(shard_set[1])
+    for source in ("synthetic", "folder", "list", "shards"):  # a config's source without its own input gives way
+        dm = LOCAPretrainDataModule(source=source, shards=pattern, views=LOCAViews(**VIEWS))
+        assert dm.hparams.source == "shards"
+    with pytest.raises(ValueError, match="shards and the folder source's input are both set"):
+        LOCAPretrainDataModule(source="folder", root=str(tmp_path), shards=pattern, views=LOCAViews(**VIEWS))
+    assert [key for key, _ in LOCAPretrainDataModule.missing_arguments(source="shards")] == ["shards"]
+    (tmp_path / "empty.txt").write_text("# no shards\n")
+    with pytest.raises(ValueError, match="empty.txt' names no shards"):
+        open_shards(str(tmp_path / "empty.txt"))
