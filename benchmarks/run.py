@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --out bench_results/bench.json            # everything (~10-15 min on 2 cores)
     python benchmarks/run.py --parts step --models vit_small_patch16   # one part, one model
+    python benchmarks/run.py --parts shards                            # tar shards vs folder vs http (shard_bench.py)
     python benchmarks/run.py --quick                                   # a shorter run (fewer repeats and images)
     python benchmarks/run.py --parts step --compile                    # also the step with compile: all (inductor)
     python benchmarks/run.py --parts step --release-python /tmp/jaxenv/bin/python --scenic /path/to/scenic
@@ -29,6 +30,7 @@ import torch
 from common import RELEASED, TrainStep, build_module, loca_step_flops, synthetic_batch
 from machine import OtherLoad, machine_info, peak_rss_mb, wait_until_quiet
 from pipeline import bench_data  # noqa: F401  (run_isolated calls parts by name)
+from shard_bench import bench_shards, format_shard_rows  # noqa: F401
 
 from loca_lightning.malloc import keep_freed_memory
 
@@ -236,6 +238,8 @@ def format_table(results: dict) -> str:
             f"{seg['s_per_image']:.3f} s/image | {seg['peak_rss_mb']:.0f} MB | "
             f"{_fmt_others(seg['others_cores'])} |"
         )
+    if results.get("shards"):
+        rows += format_shard_rows(results["shards"])
     release = {r["variant"]: r for r in results.get("release", [])}
     for step in results.get("step", []):
         ref = release.get(RELEASE_VARIANTS.get(step["backbone"], ""))
@@ -281,7 +285,9 @@ def bench_release(python: str, scenic: str, backbone: str, batch_size: int, step
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_results/bench.json", help="where to write the JSON")
-    parser.add_argument("--parts", default="data,step,segmentation", help="comma-separated: data,step,segmentation")
+    parser.add_argument(
+        "--parts", default="data,shards,step,segmentation", help="comma-separated: data,shards,step,segmentation"
+    )
     parser.add_argument("--models", default="vit_tiny_patch16,vit_small_patch16", help="backbones of the step part")
     parser.add_argument("--batch-size", type=int, default=8, help="per-step batch of the step part")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
@@ -318,9 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     if (args.release_python is None) != (args.scenic is None):
         parser.error("--release-python and --scenic go together")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"data", "step", "segmentation"})
+    unknown = sorted(set(parts) - {"data", "shards", "step", "segmentation"})
     if unknown:
-        parser.error(f"unknown part(s) {unknown}; choose from data, step, segmentation")
+        parser.error(f"unknown part(s) {unknown}; choose from data, shards, step, segmentation")
     repeats = 3 if args.quick else args.repeats
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -330,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "data" in parts:
         kwargs = dict(images=48 if args.quick else 96, repeats=repeats, workers=args.workers)
         results["data"] = run_isolated("bench_data", kwargs, args.wait_quiet)
+    if "shards" in parts:
+        results["shards"] = run_isolated("bench_shards", dict(quick=args.quick, repeats=repeats), args.wait_quiet)
     if "step" in parts:
         results["step"] = []
         precisions = ["bf16-mixed"] + (["32"] if args.fp32 else [])

@@ -45,6 +45,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "loca_lightning.release:import_release_main",
         "Convert the authors' flax checkpoint into a LOCA module checkpoint and timm weights.",
     ),
+    "shards": (
+        "loca_lightning.data.shard_writer:shards_main",
+        "Write a folder or a path list of images as WebDataset tar shards (for --data.init_args.shards).",
+    ),
 }
 
 

@@ -13,8 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
+
+from loca_lightning.data.shard_writer import shards_pattern, write_shards
+from loca_lightning.data.synthetic import SyntheticScenes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "demo"
@@ -39,6 +43,25 @@ CASES = {
     "pretrain_2_ddp_processes": (PRETRAIN, 2, 7),  # 4 steps per epoch per process
     "segmentation_1_process": (SEGMENTATION, 1, 11),
 }
+
+
+# The same run from 32 JPEG scenes in tar shards of 7, 7, 7, 7 and 4 (uneven: the DDP ranks' samples come from shards
+# of different sizes). The 1-process run is resumed with 2 workers instead of 1: batches do not depend on the workers.
+SHARD_CASES = {
+    "pretrain_shards_1_process_resumed_with_2_workers": (1, 11, ["--data.init_args.num_workers=2"]),
+    "pretrain_shards_2_ddp_processes": (2, 7, []),
+}
+
+
+def _shard_args(folder: Path) -> list[str]:
+    """PRETRAIN reading 32 scenes written as JPEGs into tar shards under ``folder``."""
+    scenes = SyntheticScenes(length=32, image_size=48, with_masks=False, seed=0)
+    paths = [folder / "images" / f"{i:03d}.jpg" for i in range(32)]
+    paths[0].parent.mkdir(parents=True)
+    for i, path in enumerate(paths):
+        assert cv2.imwrite(str(path), scenes[i]["image"][:, :, ::-1])
+    pattern = shards_pattern(write_shards(paths, folder / "shards", 7))
+    return [*PRETRAIN, "--data.init_args.source=shards", f"--data.init_args.shards={pattern}"]
 
 
 def _free_port() -> int:
@@ -120,6 +143,20 @@ def _kill_at(process: subprocess.Popen, checkpoint: Path, step: int, timeout: fl
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Path, case: str) -> None:
     args, devices, kill_step = CASES[case]
+    _kill_resume_and_compare(tmp_path, args, devices, kill_step)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+def test_sigkill_mid_epoch_then_resume_from_shards_equals_an_uninterrupted_run(tmp_path: Path, case: str) -> None:
+    devices, kill_step, resume_extra = SHARD_CASES[case]
+    _kill_resume_and_compare(tmp_path, _shard_args(tmp_path), devices, kill_step, resume_extra)
+
+
+def _kill_resume_and_compare(
+    tmp_path: Path, args: list[str], devices: int, kill_step: int, resume_extra: list[str] = ()
+) -> None:
     once = _start(tmp_path / "once", args, devices)  # the uninterrupted run, alongside the others
     killed = _start(
         tmp_path / "killed",
@@ -135,7 +172,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
         saved = torch.load(last, map_location="cpu", weights_only=True)
         assert saved["global_step"] == kill_step
         assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 3  # mid-epoch
-        _finish(_start(tmp_path / "killed", args, devices, f"--ckpt_path={last}"))
+        _finish(_start(tmp_path / "killed", args, devices, f"--ckpt_path={last}", *resume_extra))
     except BaseException:
         os.killpg(once.pid, signal.SIGKILL)
         raise

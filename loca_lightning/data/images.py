@@ -7,6 +7,7 @@ palette). Masks are read with Pillow so that palette PNGs give their indices, no
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -50,6 +51,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise ImageReadError(path, f"{type(error).__name__}: {error}") from error
+    return decode_image(data, path)
+
+
+def decode_image(data: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Decode the bytes ``data`` of an image file to RGB uint8 ``[H, W, 3]``; errors name ``path``."""
     if data.size == 0:
         raise ImageReadError(path, "the file is empty (0 bytes)")
     # IMREAD_UNCHANGED keeps 16-bit depth so that we scale it ourselves; IMREAD_COLOR would clip.
@@ -62,7 +68,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         except (ValueError, cv2.error):  # e.g. float TIFFs, odd channel counts: let Pillow try below
             pass
     try:  # formats or variants OpenCV does not decode (e.g. some CMYK or exotic files)
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
             image.load()
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except Exception as error:  # Pillow raises many types for bad data

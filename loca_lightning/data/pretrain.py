@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.images import check_nonempty, list_images, read_image, read_path_list
 from loca_lightning.data.resumable import ResumableTrainData, SharedEpoch, item_rng
+from loca_lightning.data.shards import ShardSamples, open_shards
 from loca_lightning.data.synthetic import SyntheticScenes
 from loca_lightning.malloc import keep_freed_memory
 from loca_lightning.pretrain.views import LOCAViews
@@ -52,16 +53,20 @@ class PathTable:
 
 
 class LOCAPretrainDataset(Dataset):
-    """LOCA views of images from a list of files or a :class:`SyntheticScenes`; unreadable files are skipped.
+    """LOCA views of images from a list of files, tar shards or a :class:`SyntheticScenes`; unreadable images are
+    skipped.
 
-    An item is the dict of :class:`LOCAViews` plus ``num_skipped``, the number of unreadable files passed
-    over (replaced by the next index, wrapping) to produce it.
+    An item is the dict of :class:`LOCAViews` plus ``num_skipped``, the number of unreadable images passed
+    over (replaced by the next index, wrapping; a truncated shard's missing samples by the next shard's first) to
+    produce it.
     """
 
-    def __init__(self, source: Sequence[str | Path] | SyntheticScenes, views: LOCAViews, seed: int = 0) -> None:
+    def __init__(
+        self, source: Sequence[str | Path] | SyntheticScenes | ShardSamples, views: LOCAViews, seed: int = 0
+    ) -> None:
         if len(source) == 0:
             raise ValueError("LOCAPretrainDataset needs at least one image, got an empty source")
-        self.source = source if isinstance(source, SyntheticScenes) else PathTable(source)
+        self.source = source if isinstance(source, (SyntheticScenes, ShardSamples)) else PathTable(source)
         self.views = views
         self.seed = int(seed)
         self._epoch = SharedEpoch()
@@ -81,7 +86,14 @@ class LOCAPretrainDataset(Dataset):
     def _image(self, index: int) -> np.ndarray:
         if isinstance(self.source, SyntheticScenes):
             return self.source[index]["image"]
+        if isinstance(self.source, ShardSamples):
+            return self.source.read(index)
         return read_image(self.source[index])
+
+    def _name(self, index: int) -> str:
+        if isinstance(self.source, ShardSamples):
+            return self.source.name(index)
+        return self.source[index] if isinstance(self.source, PathTable) else f"synthetic scene {index}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -91,22 +103,24 @@ class LOCAPretrainDataset(Dataset):
                 image = self._image(position)
                 break
             except Exception as error:  # any decoder failure: skip the file, never kill a long run
-                name = self.source[position] if isinstance(self.source, PathTable) else f"synthetic scene {position}"
-                log.warning("skipping unreadable image %s: %s", name, error)
+                log.warning("skipping unreadable image %s: %s", self._name(position), error)
                 skipped += 1
                 if skipped >= MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(
                         f"{skipped} consecutive images starting at index {index} could not be read; the dataset "
                         "looks broken (see the warnings above for the files and reasons)"
                     ) from error
-                position = (position + 1) % len(self.source)
+                if isinstance(self.source, ShardSamples):
+                    position = self.source.next_candidate(position)
+                else:
+                    position = (position + 1) % len(self.source)
         item = self.views(image, item_rng(self.seed, self.epoch, index))
         item["num_skipped"] = skipped
         return item
 
 
 class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
-    """Images (a folder tree, a path list, or synthetic scenes) -> batches of LOCA views and position targets.
+    """Images (a folder tree, a path list, tar shards, or synthetic scenes) -> batches of LOCA views and position targets.
 
     Batches: ``reference [B,3,R,R]``, ``query_large [B,3,S,S]``, ``query_focal [B,n,3,F,F]`` (uint8 unless
     ``views.normalize``), ``target_large [B,(S/P)^2]``, ``target_focal [B,n,(F/P)^2]`` (int64, -1 = no label),
@@ -116,9 +130,11 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
     def __init__(
         self,
         *,
-        source: Literal["folder", "list", "synthetic"] = "synthetic",
+        source: Literal["folder", "list", "shards", "synthetic"] = "synthetic",
         root: str | None = None,
         list_file: str | None = None,
+        shards: str | list[str] | None = None,
+        shard_cache: str | None = None,
         synthetic_length: int = 2048,
         synthetic_image_size: int = 128,
         synthetic_seed: int = 0,
@@ -131,9 +147,10 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if source not in ("folder", "list", "synthetic"):
-            raise ValueError(f"source must be 'folder', 'list' or 'synthetic', got {source!r}")
-        missing = self.missing_arguments(source=source, root=root, list_file=list_file)
+        if source not in ("folder", "list", "shards", "synthetic"):
+            raise ValueError(f"source must be 'folder', 'list', 'shards' or 'synthetic', got {source!r}")
+        source = self.source_of(source, root, list_file, shards)
+        missing = self.missing_arguments(source=source, root=root, list_file=list_file, shards=shards)
         if missing:
             raise ValueError(missing_message(missing))
         if batch_size < 1:
@@ -141,6 +158,7 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(ignore=["views"])
+        self.hparams["source"] = source  # as resolved (under the CLI the saved values are the config's)
         # Per device; an attribute so that LOCAPretrainModule and Lightning's batch-size tuner find it.
         self.batch_size = batch_size
         if hasattr(views, "lazy_get_init_args"):  # the signature's default, untouched (from Python): build it here
@@ -154,15 +172,40 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         self.dataset: LOCAPretrainDataset | None = None
 
     @staticmethod
+    def source_of(source: str, root: str | None, list_file: str | None, shards: str | list[str] | None) -> str:
+        """The source these settings read: ``shards`` when shards are given and the configured source's own input is
+        not (so that one argument, ``--data.init_args.shards``, switches a folder config to shards)."""
+        if not shards or source == "shards":
+            return source
+        own = {"folder": root, "list": list_file, "synthetic": None}[source]
+        if own is not None:
+            raise ValueError(f"data.init_args.shards and the {source} source's input are both set: keep one of them")
+        return "shards"
+
+    @staticmethod
     def missing_arguments(
-        source: str = "synthetic", root: str | None = None, list_file: str | None = None, **_: Any
+        source: str = "synthetic",
+        root: str | None = None,
+        list_file: str | None = None,
+        shards: str | list[str] | None = None,
+        **_: Any,
     ) -> list[tuple[str, str]]:
         """(argument, what it is) for each argument these settings need but leave unset; the CLI checks them before
         it builds anything."""
+        if source in ("folder", "list", "synthetic", "shards"):
+            source = LOCAPretrainDataModule.source_of(source, root, list_file, shards)
         if source == "folder" and root is None:
             return [("root", "the folder of training images (a tree of image files, e.g. ImageNet's train/)")]
         if source == "list" and list_file is None:
             return [("list_file", "a text file of image paths, one per line")]
+        if source == "shards" and not shards:
+            return [
+                (
+                    "shards",
+                    "WebDataset tar shards: a brace pattern such as 'train-{000000..000099}.tar', a list, "
+                    "or a .txt file of paths/URLs",
+                )
+            ]
         return []
 
     def check_geometry(self, reference_size: int, patch_size: int) -> None:
@@ -179,12 +222,14 @@ class LOCAPretrainDataModule(ResumableTrainData, L.LightningDataModule):
         """The view sampler (its sizes and patch size are checked against the model's in :meth:`setup`)."""
         return self._views
 
-    def _source(self) -> Sequence[Path] | SyntheticScenes:
+    def _source(self) -> Sequence[Path] | SyntheticScenes | ShardSamples:
         hp = self.hparams
         if hp.source == "synthetic":
             return SyntheticScenes(
                 length=hp.synthetic_length, image_size=hp.synthetic_image_size, seed=hp.synthetic_seed, with_masks=False
             )
+        if hp.source == "shards":
+            return open_shards(hp.shards, hp.shard_cache)
         if hp.source == "folder":
             paths = list_images(hp.root)
             check_nonempty(paths, f"folder {hp.root!r}")
