@@ -7,19 +7,26 @@ palette). Masks are read with Pillow so that palette PNGs give their indices, no
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-# OpenCV's own threads fight with DataLoader workers; decoding is parallel across workers instead.
-cv2.setNumThreads(0)
+
+@functools.cache
+def _opencv():
+    """OpenCV, imported when an image is first decoded (listing files, e.g. ``loca shards --help``, needs none)."""
+    import cv2
+
+    # OpenCV's own threads fight with DataLoader workers; decoding is parallel across workers instead.
+    cv2.setNumThreads(0)
+    return cv2
 
 
 class ImageReadError(RuntimeError):
@@ -37,6 +44,7 @@ def _to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         array = (array >> 8).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {array.dtype}")
+    cv2 = _opencv()
     if array.ndim == 2:
         return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
     if array.shape[2] == 4:
@@ -58,6 +66,7 @@ def decode_image(data: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     """Decode the bytes ``data`` of an image file to RGB uint8 ``[H, W, 3]``; errors name ``path``."""
     if data.size == 0:
         raise ImageReadError(path, "the file is empty (0 bytes)")
+    cv2 = _opencv()
     # IMREAD_UNCHANGED keeps 16-bit depth so that we scale it ourselves; IMREAD_COLOR would clip.
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if decoded is not None and decoded.size > 0:
