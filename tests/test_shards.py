@@ -68,7 +68,7 @@ def test_writer_round_trip_is_deterministic_and_never_overwrites(shard_set, tmp_
         assert tar.extractfile("000000000.jpg").read() == paths[0].read_bytes()  # stored byte for byte
     shards_main([str(tmp_path / "images"), str(tmp_path / "again"), "--shard-size", "10"])
     printed = capsys.readouterr().out
-    assert "--data.init_args.source=shards" in printed and "train-{000000..000002}.tar" in printed
+    assert "loca fit --config CONFIG --data.init_args.shards=" in printed and "train-{000000..000002}.tar" in printed
     for mine, again in zip(shards, sorted((tmp_path / "again").glob("*.tar"))):
         assert mine.read_bytes() == again.read_bytes()  # deterministic
     listing = tmp_path / "images" / "list.txt"  # a path list gives the same shards as the folder it lists

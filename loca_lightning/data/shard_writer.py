@@ -112,8 +112,6 @@ def shards_main(argv: Sequence[str]) -> None:
         print(f"loca shards: error: {error}", file=sys.stderr)
         sys.exit(2)
     pattern = shards_pattern([s.absolute() for s in shards])
-    print(f"wrote {len(paths)} images in {len(shards)} shards to {args.out}; train from them with:")
-    print(
-        "  loca fit --config configs/pretrain.yaml --data.init_args.source=shards "
-        f"--data.init_args.shards={shlex.quote(pattern)}"
-    )
+    print(f"wrote {len(paths)} images in {len(shards)} shards to {args.out}; train from them with a pretraining config")
+    print("(CONFIG: e.g. pretrain.yaml of the repository's configs folder):")
+    print(f"  loca fit --config CONFIG --data.init_args.shards={shlex.quote(pattern)}")
