@@ -28,6 +28,8 @@ from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
+from loca_lightning.preemption import Preemption
+from loca_lightning.resume import ResumeError, resolve_ckpt_path
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -103,6 +105,12 @@ class LOCACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
+        # Pre-emption stops at a step boundary with a checkpoint (loca_lightning/preemption.py), unless a config names
+        # its own Preemption callback (e.g. with requeue: false).
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        if not any(isinstance(c, Preemption) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, Preemption()]
         # Output that is not a terminal (a log file, a pipe) gets a line every N steps instead of a redrawn bar; a
         # config that names its own progress bar, or switches it off, keeps that.
         configured = config.get("callbacks") or []
@@ -117,6 +125,16 @@ class LOCACLI(LightningCLI):
         super().after_instantiate_classes()
         if self.trainer is not None and not self.trainer.loggers:
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit`` with ``--ckpt_path last`` resolved to the run's newest good checkpoint (and its own version
+        folder), a requeued SLURM job resuming by itself, and a checkpoint that does not load named in one line."""
+        try:
+            kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
+        except ResumeError as error:
+            print(f"loca: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        self.trainer.fit(**kwargs)
 
     def predict(self, **kwargs: Any) -> None:
         """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already. Images the
