@@ -29,7 +29,7 @@ from loca_lightning.data.arguments import missing_message
 from loca_lightning.data.pretrain import keep_freed_memory
 from loca_lightning.distributed import destroy_process_groups
 from loca_lightning.preemption import Preemption
-from loca_lightning.resume import ResumeError, resolve_ckpt_path
+from loca_lightning.resume import ResumeError, check_ckpt_path, resolve_ckpt_path
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. "
@@ -84,6 +84,17 @@ class LOCACLI(LightningCLI):
         parser.link_arguments("model.init_args.reference_size", f"{views}.reference_size")
         backbone = ("model.init_args.backbone", "model.init_args.backbone_kwargs")
         parser.link_arguments(backbone, f"{views}.patch_size", compute_fn=backbone_patch_size)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit checkpoint's hyperparameters here, first of all: one that does not load is named
+        # in one line instead of a traceback.
+        subcommand = self.config.get("subcommand")
+        try:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None)
+        except ResumeError as error:
+            print(f"loca: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Name the required data arguments a config leaves unset, in one line, before anything is built."""

@@ -144,9 +144,14 @@ def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: Any) -> Any:
             raise ResumeError(f"--ckpt_path last: no checkpoint to resume in {folder}")
         _say(f"resuming from {found.path} (global step {found.global_step})")
         return found.path
+    check_ckpt_path(ckpt_path)
+    return ckpt_path
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    """Raise :class:`ResumeError` naming ``ckpt_path`` when it is a local checkpoint that does not load."""
     if isinstance(ckpt_path, (str, os.PathLike)) and "://" not in str(ckpt_path) and os.path.exists(ckpt_path):
         try:
             checkpoint_step(ckpt_path)
         except Exception as error:
             raise ResumeError(f"--ckpt_path {ckpt_path}: the checkpoint does not load ({_describe(error)})") from None
-    return ckpt_path
