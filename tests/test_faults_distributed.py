@@ -40,9 +40,9 @@ def test_sigkill_of_either_rank_ends_the_job_promptly_with_a_loadable_checkpoint
     folder = tmp_path / "job" / "checkpoints"
     try:
         deadline = time.monotonic() + 300
-        while (found := newest_good_checkpoint(folder)) is None or found.global_step < 3:
+        while (found := newest_good_checkpoint(folder)) is None or found.global_step < 2:
             assert all(p.poll() is None for p in job.processes), job.text()
-            assert time.monotonic() < deadline, "no checkpoint of step 3 in 300 s:\n" + job.text()
+            assert time.monotonic() < deadline, "no checkpoint of step 2 in 300 s:\n" + job.text()
             time.sleep(0.1)
         os.kill(job.processes[rank].pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -54,7 +54,7 @@ def test_sigkill_of_either_rank_ends_the_job_promptly_with_a_loadable_checkpoint
     assert code != 0, job.text()  # the survivor fails: a supervisor must not take the job for a finished run
     print(f"rank {1 - rank} exited with {code} {took:.1f} s after rank {rank} was killed")
     found = newest_good_checkpoint(folder)
-    assert found is not None and found.global_step >= 3
+    assert found is not None and found.global_step >= 2
     checkpoint = torch.load(found.path, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == found.global_step and checkpoint["state_dict"]
 
@@ -115,16 +115,22 @@ def test_two_nodes_with_torchrun_equal_one_process_on_the_same_global_batch(tmp_
     assert moved > 1e-4  # the update is far larger than the tolerance
 
 
-@pytest.mark.parametrize("config", ["pretrain.yaml", "pretrain_vits16.yaml", "pretrain_fsdp.yaml"])
-def test_multi_gpu_configs_carry_the_process_group_timeout(config: str) -> None:
+def test_multi_gpu_configs_carry_the_process_group_timeout() -> None:
     # A dead peer leaves NCCL ranks waiting until this timeout (docs/scaling.md); Lightning's default is 30 minutes.
-    done = subprocess.run(
-        [sys.executable, "-m", "loca_lightning.cli", "fit", "--config", f"configs/{config}", "--print_config"],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "      timeout: 0:20:00\n" in done.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    configs = ["pretrain.yaml", "pretrain_vits16.yaml", "pretrain_fsdp.yaml"]
+    printing = [
+        subprocess.Popen(
+            [sys.executable, "-m", "loca_lightning.cli", "fit", "--config", f"configs/{config}", "--print_config"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for config in configs
+    ]
+    for config, process in zip(configs, printing):
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0, f"{config}: {err[-2000:]}"
+        assert "      timeout: 0:20:00\n" in out, config
