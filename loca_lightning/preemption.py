@@ -120,6 +120,10 @@ class Preemption(L.Callback):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the signals back when the fit ends with an exception (:class:`Preempted` included)."""
+        self.teardown(trainer, pl_module, "fit")
+
     # -- the decision ------------------------------------------------------------------------------------------
     def _local_request(self) -> int:
         """0: none; 1: stop; 2: stop and requeue (the requeue signal came, and no SIGTERM/SIGINT said otherwise)."""
@@ -144,6 +148,8 @@ class Preemption(L.Callback):
             if not request:
                 return
             requeue = request == 2
+        if _training_ends_here(trainer):  # the run is complete after this step: finish it (exit 0), no requeue
+            return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Saved at the end of an epoch's last batch, a checkpoint resumes with Lightning's epoch bookkeeping one
             # epoch off (lightning 2.6 skips the next on_train_epoch_start and miscounts the epoch): stop at the
@@ -180,6 +186,14 @@ class Preemption(L.Callback):
         # worker thread from aborting the exit (loca_lightning.distributed).
         destroy_process_groups()
         raise Preempted(what)
+
+
+def _training_ends_here(trainer: L.Trainer) -> bool:
+    """True when this step completes the run (max_steps, or the last batch of the last epoch): the same on all ranks."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def checkpoint_folder(trainer: L.Trainer) -> str:

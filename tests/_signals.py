@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
+import signal as signal_module
 
 import lightning as L
 import torch
@@ -64,6 +64,3 @@ class SignalAt(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-signal_module = signal
