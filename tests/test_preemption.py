@@ -84,17 +84,17 @@ def expect_preempted(job: Job, step: int, requeued: bool) -> None:
 
 def test_one_process_preempted_in_every_phase_resumes_bit_for_bit(tmp_path: Path) -> None:
     # One chain pre-empted 4 times, once in each phase of a step, against one uninterrupted run (alongside): SIGUSR1
-    # under SLURM (requeue; the requeued job has no --ckpt_path) for the first two, SIGTERM then SIGINT outside SLURM
-    # (exit 75; --ckpt_path last) for the others. Step 7 is the last of the first epoch: a stop at an epoch boundary.
+    # under SLURM (requeue; the requeued job has no --ckpt_path) for the first two, then SIGTERM under SLURM and
+    # SIGINT outside it (exit 75, no requeue; then --ckpt_path last). Step 7 is the last of the first epoch: a stop at
+    # an epoch boundary.
     reference = Job(tmp_path / "reference", PRETRAIN)
     chain = tmp_path / "chain"
     try:
         expect_preempted(Job(chain, PRETRAIN, 1, {}, *signal_at(2, "data", "SIGUSR1")), 3, requeued=True)
         job = Job(chain, PRETRAIN, 1, {"SLURM_RESTART_COUNT": "1"}, *signal_at(7, "forward", "SIGUSR1"))
         expect_preempted(job, 8, requeued=True)
-        expect_preempted(
-            Job(chain, PRETRAIN, 1, None, "--ckpt_path=last", *signal_at(9, "backward", "SIGTERM")), 10, False
-        )
+        job = Job(chain, PRETRAIN, 1, {"SLURM_RESTART_COUNT": "2"}, *signal_at(9, "backward", "SIGTERM"))
+        expect_preempted(job, 10, requeued=False)  # SIGTERM under SLURM: never a requeue
         expect_preempted(
             Job(chain, PRETRAIN, 1, None, "--ckpt_path=last", *signal_at(12, "optimizer", "SIGINT")), 13, False
         )
