@@ -121,18 +121,22 @@ def test_one_process_preempted_in_every_phase_resumes_bit_for_bit(tmp_path: Path
 
 
 def test_two_ddp_processes_preempted_by_one_rank_or_the_whole_job_resume_bit_for_bit(tmp_path: Path) -> None:
-    # Segmentation (drop path, a validation every 5 steps) on 2 processes started as srun starts them, 4 steps per
-    # epoch each. SIGUSR1 reaches rank 1 only (forward of step 1), then every process of the job, DataLoader workers
-    # included, as srun delivers it (data loading of step 4, the first of the second epoch, just before the
-    # validation of step 5); the requeued jobs have no --ckpt_path. Reference: the same job left alone.
+    # Segmentation (drop path, a validation every 5 steps) on 2 processes, 4 steps per epoch each. Started as srun
+    # starts them: SIGUSR1 reaches rank 1 only (forward of step 1), then every process of the job, DataLoader workers
+    # included, as srun delivers it (data loading of step 4, the first of the second epoch, just before the validation
+    # of step 5); the requeued jobs have no --ckpt_path. Then started by Lightning itself (no SLURM): SIGTERM reaches
+    # the main process only (rank 0, optimizer + EMA of step 5), and --ckpt_path last finishes. Reference: the srun-
+    # style job left alone.
     reference = Job(tmp_path / "reference", SEGMENTATION, 2, {})
     chain = tmp_path / "chain"
     try:
         expect_preempted(Job(chain, SEGMENTATION, 2, {}, *signal_at(1, "forward", "SIGUSR1", ranks=[1])), 2, True)
         job = Job(chain, SEGMENTATION, 2, {"SLURM_RESTART_COUNT": "1"}, *signal_at(4, "data", "SIGUSR1", [0], "job"))
         expect_preempted(job, 5, requeued=True)
-        final = Job(chain, SEGMENTATION, 2, {"SLURM_RESTART_COUNT": "2"})
-        assert final.wait() == [0, 0], final.text()
+        job = Job(chain, SEGMENTATION, 2, None, "--ckpt_path=last", *signal_at(5, "optimizer", "SIGTERM", ranks=[0]))
+        expect_preempted(job, 6, requeued=False)
+        final = Job(chain, SEGMENTATION, 2, None, "--ckpt_path=last")
+        assert final.wait() == [0], final.text()
     except BaseException:
         reference.kill()
         raise
