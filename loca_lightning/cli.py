@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,9 +26,10 @@ from loca_lightning.callbacks.run_config import SaveRunConfig
 from loca_lightning.checkpointing import AtomicCheckpointIO
 from loca_lightning.data.arguments import missing_message
 from loca_lightning.distributed import destroy_process_groups
-from loca_lightning.errors import check_ckpt_path, check_devices, one_line_user_errors
+from loca_lightning.errors import check_devices, one_line_user_errors
 from loca_lightning.malloc import tune_malloc
-from loca_lightning.weights_files import read_weights_file
+from loca_lightning.preemption import Preemption
+from loca_lightning.resume import ResumeError, check_ckpt_path, resolve_ckpt_path
 
 DESCRIPTION = (
     "LOCA pretraining and semantic-segmentation finetuning of Vision Transformers. fit, validate, test and predict are "
@@ -111,6 +111,17 @@ class LOCACLI(LightningCLI):
         backbone = ("model.init_args.backbone", "model.init_args.backbone_kwargs")
         parser.link_arguments(backbone, f"{views}.patch_size", compute_fn=backbone_patch_size)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit checkpoint's hyperparameters here, first of all: one that does not load is named
+        # in one line instead of a traceback.
+        subcommand = self.config.get("subcommand")
+        try:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None)
+        except ResumeError as error:
+            print(f"loca: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         """Name the required data arguments a config leaves unset, and GPUs it asks for that this machine does not
         have, in one line, before anything is built."""
@@ -126,18 +137,6 @@ class LOCACLI(LightningCLI):
             sys.exit(2)
         check_devices(config.get("trainer") or {})
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path``'s hyperparameters first: a missing file, or one that is no checkpoint, is
-        named in one line (what it is, from :func:`read_weights_file`) instead of torch.load's traceback."""
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        check_ckpt_path(ckpt_path)
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            if ckpt_path is not None and Path(ckpt_path).is_file():
-                read_weights_file(ckpt_path)  # raises CheckpointFileError naming what the file is, if it is not one
-            raise
-
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         # Atomic checkpoint writes by default: a crash while writing last.ckpt must not destroy the previous one.
         # A config that names its own CheckpointIO plugin keeps it.
@@ -145,6 +144,12 @@ class LOCACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
+        # Pre-emption stops at a step boundary with a checkpoint (loca_lightning/preemption.py), unless a config names
+        # its own Preemption callback (e.g. with requeue: false).
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        if not any(isinstance(c, Preemption) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, Preemption()]
         # Output that is not a terminal (a log file, a pipe) gets a line every N steps instead of a redrawn bar; a
         # config that names its own progress bar, or switches it off, keeps that.
         configured = config.get("callbacks") or []
@@ -159,6 +164,16 @@ class LOCACLI(LightningCLI):
         super().after_instantiate_classes()
         if self.trainer is not None and not self.trainer.loggers:
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit`` with ``--ckpt_path last`` resolved to the run's newest good checkpoint (and its own version
+        folder), a requeued SLURM job resuming by itself, and a checkpoint that does not load named in one line."""
+        try:
+            kwargs["ckpt_path"] = resolve_ckpt_path(self.trainer, kwargs.get("ckpt_path"))
+        except ResumeError as error:
+            print(f"loca: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        self.trainer.fit(**kwargs)
 
     def predict(self, **kwargs: Any) -> None:
         """``trainer.predict`` without keeping every mask in memory: the writer has them on disk already. Images the

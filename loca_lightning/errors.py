@@ -15,7 +15,6 @@ import linecache
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,14 +84,3 @@ def check_devices(trainer: Any) -> None:
             f"the config asks for trainer.devices: {wanted} GPUs but this machine has {available}: "
             f"--trainer.devices {available} (the lr follows the global batch; see the config's header)"
         )
-
-
-def check_ckpt_path(ckpt_path: Any) -> None:
-    """Raise for a ``--ckpt_path`` naming a local file or folder that does not exist; Lightning's own names (``last``,
-    ``best``, ``hpc``, ``registry...``) and URLs pass."""
-    if not isinstance(ckpt_path, (str, os.PathLike)) or "://" in str(ckpt_path):
-        return
-    if str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
-        return
-    if not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} does not exist")
