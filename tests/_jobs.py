@@ -65,6 +65,7 @@ class Job:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            "PYTHONFAULTHANDLER": "1",  # a hung job's stacks go to its log when dump() aborts it
             "PATH": os.pathsep.join([str(fake_scontrol(folder.parent)), os.environ.get("PATH", "")]),
         }
         for key in [k for k in base if k.startswith("SLURM_") or k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")]:
@@ -89,8 +90,18 @@ class Job:
         deadline = time.monotonic() + timeout
         try:
             return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.processes]
+        except subprocess.TimeoutExpired:
+            self.dump()
+            raise
         finally:
             self.kill()
+
+    def dump(self) -> None:
+        """Abort the processes still running so that faulthandler writes every thread's stack to the log."""
+        for p in self.processes:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGABRT)
+        time.sleep(3)
 
     def kill(self) -> None:
         """SIGKILL whatever is left of the job's process group."""
