@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _jobs import JOB_ID, ROOT, Job, signal_at
+from _jobs import JOB_ID, Job, signal_at
+from test_kill_resume import PRETRAIN as KILL_RESUME_PRETRAIN
+from test_kill_resume import SEGMENTATION
 
 from loca_lightning.preemption import EXIT_PREEMPTED
 
@@ -19,24 +21,10 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend"),
 ]
-CONFIGS = ROOT / "configs" / "demo"
 
 # 32 scenes / batch 4: 8 steps per epoch on 1 process, 4 on each of 2; 2 epochs. The shipped logger settings
 # (TensorBoard under runs/demo/pretrain, versioned) decide where checkpoints go.
-PRETRAIN = [
-    "--config", str(CONFIGS / "pretrain.yaml"), "--trainer.max_epochs=2", "--model.init_args.drop_path_rate=0.1",
-    "--data.init_args.synthetic_length=32", "--data.init_args.synthetic_image_size=48",
-    "--data.init_args.batch_size=4", "--data.init_args.num_workers=1", "--data.init_args.views.num_focal=2",
-    "--trainer.callbacks=[]",
-]  # fmt: skip
-SEGMENTATION = [
-    "--config", str(CONFIGS / "seg.yaml"), "--trainer.max_steps=-1", "--trainer.max_epochs=2",
-    "--trainer.val_check_interval=5", "--model.init_args.drop_path_rate=0.1",
-    "--data.init_args.synthetic_length=32", "--data.init_args.synthetic_val_length=2",
-    "--data.init_args.synthetic_image_size=48", "--data.init_args.crop_size=32", "--data.init_args.base_size=[48,48]",
-    "--model.init_args.image_size=32", "--model.init_args.window=32", "--model.init_args.stride=16",
-    "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=1",
-]  # fmt: skip
+PRETRAIN = [*KILL_RESUME_PRETRAIN, "--trainer.callbacks=[]"]
 
 
 def load(path: Path) -> dict:
