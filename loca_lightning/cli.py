@@ -144,16 +144,14 @@ class LOCACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": plugins + [AtomicCheckpointIO()]}
-        # Pre-emption stops at a step boundary with a checkpoint (loca_lightning/preemption.py), unless a config names
-        # its own Preemption callback (e.g. with requeue: false).
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        # Pre-emption stops at a step boundary with a checkpoint (loca_lightning/preemption.py), unless a config names
+        # its own Preemption callback (e.g. with requeue: false).
         if not any(isinstance(c, Preemption) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, Preemption()]
         # Output that is not a terminal (a log file, a pipe) gets a line every N steps instead of a redrawn bar; a
         # config that names its own progress bar, or switches it off, keeps that.
-        configured = config.get("callbacks") or []
-        configured = configured if isinstance(configured, (list, tuple)) else [configured]
         has_bar = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
         if config.get("enable_progress_bar") is not False and not has_bar and use_progress_lines():
             callbacks = [*callbacks, ProgressLines()]
