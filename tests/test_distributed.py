@@ -62,34 +62,46 @@ def assert_states_close(actual: dict, expected: dict, atol: float) -> None:
         torch.testing.assert_close(other[keys], value[keys], rtol=0, atol=4e-3, msg=key)
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
-def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
-    # An unshuffled DistributedSampler: rank r takes samples r, r+2, ...; a global batch of 4 is the same 4 samples as
-    # the single process's batch, and losses, Sinkhorn and me-max are reduced over both ranks.
-    _run("ddp_pretrain.py", "1", "4", "3", str(tmp_path / "single.pt"))
-    _run("ddp_pretrain.py", "2", "2", "3", str(tmp_path / "ddp.pt"))
-    single = torch.load(tmp_path / "single.pt")
-    ddp = torch.load(tmp_path / "ddp.pt")
-    assert single["world_size"] == 1 and ddp["world_size"] == 2
-    assert_states_close(ddp["state_dict"], single["state_dict"], atol=1e-6)
-    # the comparison has teeth: training moved the weights by far more than the tolerance
+GLOO = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """3 steps of one process on batches of 4 (tests/scripts/ddp_pretrain.py): what every DDP run here must equal."""
+    out = tmp_path_factory.mktemp("single") / "single.pt"
+    _run("ddp_pretrain.py", "1", "4", "3", str(out))
+    single = torch.load(out)
+    assert single["world_size"] == 1
+    # the comparisons have teeth: training moved the weights by far more than their tolerance
     step = max((v.float() - single["initial"][k].float()).abs().max().item() for k, v in single["state_dict"].items())
     assert step > 1e-4
+    return single
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
-def test_ddp_with_compile_all_equals_one_eager_process(tmp_path: Path) -> None:
-    # compile: all traces the losses, whose global sums all-reduce inside autograd Functions (aot_eager backend: the
-    # same dynamo graphs and autograd as inductor, without code generation on 2 cores)
-    _run("ddp_pretrain.py", "1", "4", "3", str(tmp_path / "single.pt"))
-    _run("ddp_pretrain.py", "2", "2", "3", str(tmp_path / "ddp.pt"), "all")
-    single = torch.load(tmp_path / "single.pt")
+@GLOO
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param((), id="plain"),
+        # compile: all traces the losses, whose global sums all-reduce inside autograd Functions (aot_eager backend:
+        # the same dynamo graphs and autograd as inductor, without code generation on 2 cores)
+        pytest.param(("all",), id="compile-all"),
+        # micro_batch_size 1: each rank's batch of 2 in chunks of 1, the first chunk's backward inside DDP's forward
+        pytest.param(("false", "1"), id="micro-batches"),
+    ],
+)
+def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(
+    tmp_path: Path, single_process: dict, variant: tuple[str, ...]
+) -> None:
+    # An unshuffled DistributedSampler: rank r takes samples r, r+2, ...; a global batch of 4 is the same 4 samples as
+    # the single process's batch, and losses, Sinkhorn and me-max are reduced over both ranks.
+    _run("ddp_pretrain.py", "2", "2", "3", str(tmp_path / "ddp.pt"), *variant)
     ddp = torch.load(tmp_path / "ddp.pt")
     assert ddp["world_size"] == 2
-    assert_states_close(ddp["state_dict"], single["state_dict"], atol=1e-6)
+    assert_states_close(ddp["state_dict"], single_process["state_dict"], atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+@GLOO
 def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> None:
     # ModelParallelStrategy -> configure_model shards student and teacher (DTensor parameters); 4 steps in one go
     # equal 2 steps, a stop, and a resume from the distributed checkpoint (last.ckpt is a folder of shards).
@@ -132,7 +144,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+@GLOO
 def test_two_nodes_with_torchrun_train_the_demo_config(tmp_path: Path) -> None:
     # Two "nodes" of one process each on localhost, joined by torchrun's static rendezvous; Lightning reads the
     # torchelastic environment (ranks, world size) that torchrun sets.

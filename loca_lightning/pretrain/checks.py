@@ -11,6 +11,7 @@ from loca_lightning.nonfinite import POLICIES as NONFINITE_POLICIES
 from loca_lightning.param_groups import param_groups
 from loca_lightning.pretrain.heads import check_prototype_precision
 from loca_lightning.pretrain.masks import REFERENCE_MASKS
+from loca_lightning.pretrain.micro_batches import check_micro_batch_size
 from loca_lightning.pretrain.networks import QKV_BIASES
 from loca_lightning.pretrain.performance import check_compile_scope
 
@@ -39,6 +40,7 @@ def check_hparams(hp: Mapping[str, Any]) -> None:
         if hp[name] not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {hp[name]!r}")
     check_compile_scope(hp["compile"])
+    check_micro_batch_size(hp.get("micro_batch_size"))
     check_prototype_precision(hp["prototype_precision"])  # here too: the location-only variant has no projection
 
 

@@ -7,6 +7,11 @@ gradients too, so a rank's local inputs receive ``world_size`` times their share
 DDP's gradient averaging over ``world_size`` ranks then yields exactly the gradient of one process on the
 whole batch. Normalisers (valid counts) are all-reduced without gradient. Without an initialised process
 group everything is local.
+
+Micro-batches of one batch (the module's ``micro_batch_size``): ``location_loss`` and ``clustering_loss`` take the
+whole batch's valid count as ``num_valid``, and :func:`me_max_share` replaces :func:`me_max_loss` given the whole
+batch's mean prediction (:class:`PredictionSum`); the micro-batches' values then add up to the whole batch's losses and
+their gradients to its gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ __all__ = [
     "sinkhorn_knopp",
     "clustering_loss",
     "me_max_loss",
+    "me_max_share",
+    "PredictionSum",
+    "count_valid",
     "mean_assignment_perplexity",
 ]
 
@@ -83,11 +91,17 @@ def _check_temperature(temperature: float, name: str = "temperature") -> None:
 
 
 def location_loss(
-    logits: Tensor, target: Tensor, group: dist.ProcessGroup | None = None, check_range: bool = True
+    logits: Tensor,
+    target: Tensor,
+    group: dist.ProcessGroup | None = None,
+    check_range: bool = True,
+    num_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax cross-entropy of position ``logits [B, Q, R]`` against ``target [B, Q]`` (-1 = no label), averaged
     over the valid tokens of the global batch. Returns ``(loss, accuracy)``; accuracy is detached and global.
-    ``check_range=False`` skips the target range check (a host sync) for callers that validated targets."""
+    ``check_range=False`` skips the target range check (a host sync) for callers that validated targets.
+    ``num_valid``: the global count of valid tokens of a larger batch this is a micro-batch of (:func:`count_valid`);
+    loss and accuracy are then this micro-batch's shares of that batch's."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, Q, R], got shape {tuple(logits.shape)}")
     _check_targets(target, logits.shape[:2], logits.shape[-1], "target", check_range)
@@ -99,7 +113,8 @@ def location_loss(
         safe_logits = torch.where(valid[..., None], logits.float(), 0.0)  # [B, Q, R]
         nll = F.cross_entropy(safe_logits.flatten(0, 1), target.clamp_min(0).flatten(), reduction="none")
         nll = torch.where(valid.flatten(), nll, 0.0)  # [B*Q]
-        num_valid = _global_sum_no_grad(valid.sum(dtype=torch.float32), group)
+        if num_valid is None:
+            num_valid = count_valid(target, group)
         loss = _global_sum_with_grad(nll.sum(), group) / num_valid.clamp_min(1.0)
         correct = location_accuracy(safe_logits, target) * valid.sum(dtype=torch.float32)
         accuracy = _global_sum_no_grad(correct, group) / num_valid.clamp_min(1.0)
@@ -112,6 +127,12 @@ def location_accuracy(logits: Tensor, target: Tensor) -> Tensor:
     valid = target != -1
     correct = ((logits.argmax(-1) == target) & valid).sum(dtype=torch.float32)
     return correct / valid.sum(dtype=torch.float32).clamp_min(1.0)
+
+
+@torch.no_grad()
+def count_valid(target: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Labelled tokens (target != -1) over the global batch: the location and clustering losses' normaliser."""
+    return _global_sum_no_grad((target != -1).sum(dtype=torch.float32), group)
 
 
 @torch.no_grad()
@@ -147,13 +168,14 @@ def clustering_loss(
     temperature: float = 0.1,
     group: dist.ProcessGroup | None = None,
     check_range: bool = True,
+    num_valid: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy between the teacher distribution of each query token's target reference cell (of its own
     image) and ``softmax(student_logits / temperature)``, averaged over the valid tokens of the global batch.
 
     Shapes: ``student_logits [B, Q, K]``, ``teacher_targets [B, R, K]`` (e.g. Sinkhorn output), ``target [B, Q]``
     (-1 = no label). The teacher side gets no gradient. ``check_range=False`` skips the target range check (a
-    host sync) for callers that validated targets.
+    host sync) for callers that validated targets. ``num_valid`` as in :func:`location_loss`.
     """
     if student_logits.dim() != 3 or teacher_targets.dim() != 3:
         raise ValueError(
@@ -176,7 +198,8 @@ def clustering_loss(
         # gather along dim 1 of the SAME image b: a query never reads another image's targets.
         q_targets = teacher_targets.detach().float().gather(1, index)  # [B, Q, K]
         ce = torch.where(valid, -(q_targets * log_p).sum(dim=-1), 0.0)  # [B, Q]
-        num_valid = _global_sum_no_grad(valid.sum(dtype=torch.float32), group)
+        if num_valid is None:
+            num_valid = count_valid(target, group)
         return _global_sum_with_grad(ce.sum(), group) / num_valid.clamp_min(1.0)
 
 
@@ -199,6 +222,54 @@ def me_max_loss(student_logits: Tensor, temperature: float = 0.1, group: dist.Pr
         p = _global_mean_probs(student_logits, temperature, group)  # [K]
         # clamp inside the log only: p_k = 0 contributes 0 with a finite gradient
         return (p * p.clamp_min(1e-30).log()).sum()
+
+
+class PredictionSum:
+    """The mean prediction of a batch seen in micro-batches: :meth:`add` each micro-batch's ``student_logits``
+    (no gradient), then :meth:`mean` (``[K]``, over all tokens of the global batch) and :attr:`num_tokens` feed
+    :func:`me_max_share`."""
+
+    def __init__(self, temperature: float) -> None:
+        _check_temperature(temperature)
+        self.temperature = temperature
+        self.total: Tensor | None = None  # [K], local
+        self.count = 0  # local tokens
+
+    @torch.no_grad()
+    def add(self, student_logits: Tensor) -> None:
+        with torch.autocast(device_type=student_logits.device.type, enabled=False):
+            probs = torch.softmax(student_logits.float() / self.temperature, dim=-1)
+            part = probs.reshape(-1, probs.shape[-1]).sum(dim=0)  # [K]
+        self.total = part if self.total is None else self.total + part
+        self.count += probs.numel() // probs.shape[-1]
+
+    def mean(self, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
+        """``(p [K], num_tokens)`` over the global batch (one all-reduce each)."""
+        if self.total is None:
+            raise ValueError("PredictionSum.mean() before any add()")
+        num_tokens = _global_sum_no_grad(self.total.new_tensor(float(self.count)), group).clamp_min(1.0)
+        return _global_sum_no_grad(self.total, group) / num_tokens, num_tokens
+
+
+def me_max_share(
+    student_logits: Tensor,
+    batch_mean: Tensor,
+    num_tokens: Tensor,
+    temperature: float = 0.1,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """One micro-batch's share of :func:`me_max_loss` on a larger batch whose mean prediction ``batch_mean [K]`` and
+    global token count ``num_tokens`` are known (:class:`PredictionSum`, from a pass without gradient).
+
+    me-max is ``f(p) = sum_k p_k log p_k`` of the batch mean ``p``, and ``p`` is a sum over micro-batches of their
+    parts ``p_j``. The share is ``f'(p) . p_j - sum(p_j)`` with ``f'(p)`` held constant: summed over the micro-batches
+    its value is ``f'(p) . p - sum(p) = f(p)`` and its gradient ``f'(p) . dp``, the whole batch's exactly."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        p = batch_mean.detach().float()
+        slope = p.clamp_min(1e-30).log() + (p > 1e-30).float()  # d/dp of p * log(clamp(p)), as me_max_loss
+        probs = torch.softmax(student_logits.float() / temperature, dim=-1)
+        part = _global_sum_with_grad(probs.reshape(-1, probs.shape[-1]).sum(dim=0), group) / num_tokens  # p_j [K]
+        return (slope * part).sum() - part.detach().sum()
 
 
 @torch.no_grad()

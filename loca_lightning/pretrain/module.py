@@ -24,7 +24,7 @@ from loca_lightning.ema import ema_momentum, ema_update
 from loca_lightning.nonfinite import NonFiniteGuard, Policy
 from loca_lightning.normalize import Normalize
 from loca_lightning.param_groups import param_groups
-from loca_lightning.pretrain import losses, masks, performance
+from loca_lightning.pretrain import losses, masks, micro_batches, performance
 from loca_lightning.pretrain.checks import check_batch, check_hparams, migrate_checkpoint
 from loca_lightning.pretrain.masks import ReferenceMask
 from loca_lightning.pretrain.networks import QKV_BIASES, LOCATeacher, build_student
@@ -47,8 +47,13 @@ class LOCAPretrainModule(L.LightningModule):
     in place. ``prototype_precision="bfloat16"``: the release's TPU numerics for the prototype layer (heads.py).
     ``init_weights``: a module checkpoint (``loca import-release`` writes one) loaded strictly into student, teacher
     and heads (with ``backbone_kwargs.act_layer`` as the checkpoint's; the heads follow the backbone's activation).
+    ``micro_batch_size``: run each batch in chunks of this many images, with the whole batch's Sinkhorn targets,
+    me-max mean and loss normalisers: the gradient of the whole batch in one pass, in the activation memory of one
+    chunk (``micro_batches.py``; use it instead of ``accumulate_grad_batches``, which LOCA does not train like a
+    bigger batch under).
     Subclasses may override ``select_reference_keep``, ``select_query_keep``, ``drop_path_scales``,
-    ``encode_reference``, ``encode_queries`` and ``compute_losses``.
+    ``encode_reference`` (with ``micro_batch_size``: ``teacher_reference``), ``encode_queries`` and
+    ``compute_losses``.
     """
 
     compile_options: dict[str, Any] = {}  # passed to every torch.compile call
@@ -88,6 +93,7 @@ class LOCAPretrainModule(L.LightningModule):
         compile: bool | Literal["blocks", "all"] = False,
         init: Literal["release", "timm"] = "release",
         init_weights: str | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -122,6 +128,7 @@ class LOCAPretrainModule(L.LightningModule):
         self.check_target_ranges = False
         self._checked_batch = False
         self.last_step: dict[str, Any] = {}  # detached tensors of the latest step, read by image callbacks
+        self.micro_batch_gradients = False  # a micro-batched step left its first chunks' gradients (micro_batches.py)
         self.register_buffer("skipped_images", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ the step
@@ -134,18 +141,21 @@ class LOCAPretrainModule(L.LightningModule):
         if not self._checked_batch or self.check_target_ranges:
             check_batch(batch, self.hparams.reference_size, self.num_positions)
             self._checked_batch = True
-        reference = self.normalize(batch["reference"])  # [B, 3, R, R]
         target_large, target_focal = batch["target_large"], batch["target_focal"]  # [B, Nl], [B, F, Nf]
-        batch_size = reference.shape[0]
+        batch_size = target_large.shape[0]
 
         reference_keep = self.select_reference_keep(batch_size)  # [B, Kr]
         large_keep = self.select_query_keep(batch_size, target_large.shape[1])  # [B, Kq]
         drop_path = self.drop_path_scales(batch_size)  # [depth, 2, B]: the same blocks skipped in both passes
-        reference_keys, reference_targets = self.encode_reference(reference, reference_keep, drop_path)
-        query_large, query_focal = self.normalize(batch["query_large"]), self.normalize(batch["query_focal"])
-        query_tokens = self.encode_queries(query_large, query_focal, large_keep, drop_path)  # [B, Q, D]
         target = self.query_targets(target_large, target_focal, large_keep)  # [B, Q]
-        out = self.compute_losses(query_tokens, reference_keys, reference_targets, target)
+        if micro_batches.splits(self.hparams.micro_batch_size, batch_size):  # the same step, chunk by chunk
+            out = micro_batches.training_step(self, batch, reference_keep, large_keep, drop_path, target)
+        else:
+            reference = self.normalize(batch["reference"])  # [B, 3, R, R]
+            reference_keys, reference_targets = self.encode_reference(reference, reference_keep, drop_path)
+            query_large, query_focal = self.normalize(batch["query_large"]), self.normalize(batch["query_focal"])
+            query_tokens = self.encode_queries(query_large, query_focal, large_keep, drop_path)  # [B, Q, D]
+            out = self.compute_losses(query_tokens, reference_keys, reference_targets, target)
 
         self.last_step = {
             "reference_keep": reference_keep.detach(),
@@ -180,22 +190,37 @@ class LOCAPretrainModule(L.LightningModule):
         """Reference keys for the location head ``[B, Kr, D]`` and Sinkhorn targets ``[B, R, K]`` (or None)."""
         if self.teacher is None:  # location-only variant: the student encodes only the kept band
             return self.student.backbone(reference, keep_index=reference_keep, drop_path=drop_path), None
-        with torch.no_grad():
-            tokens = self.teacher.backbone(reference, drop_path=drop_path)  # [B, R, D], all tokens
-            logits = self.teacher.projection(tokens)  # [B, R, K] cosines
-            targets = self.sinkhorn(logits, self.hparams.teacher_temperature, self.hparams.sinkhorn_iters)
+        keys, logits = self.teacher_reference(reference, reference_keep, drop_path)
+        return keys, self.sinkhorn(logits, self.hparams.teacher_temperature, self.hparams.sinkhorn_iters)
+
+    @torch.no_grad()
+    def teacher_reference(
+        self, reference: Tensor, reference_keep: Tensor, drop_path: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The teacher's pass over the whole reference: the location head's keys ``[B, Kr, D]`` and the prototype
+        cosines ``[B, R, K]`` that Sinkhorn balances (over the whole batch: with ``micro_batch_size``, after the last
+        chunk). No gradient."""
+        tokens = self.teacher.backbone(reference, drop_path=drop_path)  # [B, R, D], all tokens
+        logits = self.teacher.projection(tokens)  # [B, R, K] cosines
         keys = tokens.gather(1, reference_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # [B, Kr, D]
-        return keys, targets
+        return keys, logits
 
     def encode_queries(
-        self, query_large: Tensor, query_focal: Tensor, large_keep: Tensor, drop_path: Tensor | None = None
+        self,
+        query_large: Tensor,
+        query_focal: Tensor,
+        large_keep: Tensor,
+        drop_path: Tensor | None = None,
+        focal_drop: Tensor | None = None,
     ) -> Tensor:
-        """Student tokens of all queries of each image, concatenated: ``[B, Kq + F*Nf, D]``."""
+        """Student tokens of all queries of each image, concatenated: ``[B, Kq + F*Nf, D]``. ``focal_drop [depth, 2,
+        B*F]``: the focal queries' drop-path multipliers (drawn here when None)."""
         use_pos = self.hparams.apply_cluster_loss  # the location-only variant gives queries no positions
         backbone = self.student.backbone
         large = backbone(query_large, keep_index=large_keep, use_pos_embed=use_pos, drop_path=drop_path)  # [B, Kq, D]
         batch, num_focal = query_focal.shape[:2]
-        focal_drop = self.drop_path_scales(batch * num_focal)  # focal queries skip blocks of their own
+        if focal_drop is None:
+            focal_drop = self.drop_path_scales(batch * num_focal)  # focal queries skip blocks of their own
         focal = backbone(query_focal.flatten(0, 1), use_pos_embed=use_pos, drop_path=focal_drop)  # [B*F, Nf, D]
         return torch.cat([large, focal.reshape(batch, -1, focal.shape[-1])], dim=1)
 
@@ -206,20 +231,31 @@ class LOCAPretrainModule(L.LightningModule):
         return torch.cat([target_large.gather(1, large_keep), target_focal.flatten(1)], dim=1)
 
     def compute_losses(
-        self, query_tokens: Tensor, reference_keys: Tensor, reference_targets: Tensor | None, target: Tensor
+        self,
+        query_tokens: Tensor,
+        reference_keys: Tensor,
+        reference_targets: Tensor | None,
+        target: Tensor,
+        whole_batch: micro_batches.BatchTotals | None = None,
     ) -> dict[str, Tensor]:
-        """The loss terms, their weighted sum ``loss``, and the location logits ``[B, Q, R]``."""
+        """The loss terms, their weighted sum ``loss``, and the location logits ``[B, Q, R]``. With ``whole_batch``
+        (a micro-batch's call), every term is this micro-batch's share of the whole batch's: shares add up to it."""
         hp, check = self.hparams, self.check_target_ranges
+        num_valid = None if whole_batch is None else whole_batch.num_valid
         logits = self.student.location_head(query_tokens, reference_keys)  # [B, Q, R]
-        loss_location, accuracy = self.location_loss(logits, target, check_range=check)
+        loss_location, accuracy = self.location_loss(logits, target, check_range=check, num_valid=num_valid)
         out = {"location_logits": logits, "loss_location": loss_location, "acc_location": accuracy}
         loss = hp.location_weight * loss_location
         if reference_targets is not None:
             student = self.student.projection(query_tokens)  # [B, Q, K] cosines
             cluster = self.clustering_loss(
-                student, reference_targets, target, hp.student_temperature, check_range=check
+                student, reference_targets, target, hp.student_temperature, check_range=check, num_valid=num_valid
             )
-            me_max = self.me_max_loss(student, hp.student_temperature)
+            if whole_batch is None:
+                me_max = self.me_max_loss(student, hp.student_temperature)
+            else:
+                mean, num_tokens = whole_batch.mean_prediction, whole_batch.num_tokens
+                me_max = losses.me_max_share(student, mean, num_tokens, hp.student_temperature)
             loss = loss + hp.cluster_weight * cluster + hp.me_max_weight * me_max
             # exp(-me_max) is the perplexity of the mean assignment, without a second softmax pass
             out.update(loss_cluster=cluster, loss_me_max=me_max, prototype_perplexity=torch.exp(-me_max.detach()))
@@ -256,6 +292,16 @@ class LOCAPretrainModule(L.LightningModule):
 
     def on_after_backward(self) -> None:
         self.nonfinite.after_backward(self)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        """Lightning zeroes gradients between ``training_step`` and its backward; a micro-batched step has by then
+        accumulated all chunks but the last (it zeroed them before its first)."""
+        if not micro_batches.holds_gradients(self):
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            micro_batches.check_trainer(self.hparams.micro_batch_size, self.trainer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.teacher is not None:

@@ -44,8 +44,9 @@ def accumulation_note(batch: int, accumulate: int) -> str:
     return (
         f"accumulate_grad_batches={accumulate}: the lr follows the accumulated global batch of {batch}, but the Sinkhorn "
         f"targets, the me-max mean and the loss normalisers each span one micro-batch of {batch // accumulate}, so "
-        "this does not train like one batch of that size (measured: docs/scaling.md, Gradient accumulation); more "
-        "devices or a larger per-device batch do"
+        "this does not train like one batch of that size (measured: docs/scaling.md, Gradient accumulation). For the "
+        "same step as one batch, set data.init_args.batch_size to the whole per-device batch, model.init_args."
+        "micro_batch_size to what fits in memory and accumulate_grad_batches to 1"
     )
 
 

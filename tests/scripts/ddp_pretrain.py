@@ -1,7 +1,9 @@
 """A few LOCA pretraining steps on CPU, in one process or under Lightning DDP (gloo); saves the final weights.
 
-Usage: python ddp_pretrain.py DEVICES PER_DEVICE_BATCH STEPS OUT.pt [COMPILE]   (run by tests/test_distributed.py)
-COMPILE: a value of the module's ``compile`` option, traced with torch.compile's aot_eager backend (no code generation).
+Usage: python ddp_pretrain.py DEVICES PER_DEVICE_BATCH STEPS OUT.pt [COMPILE [MICRO]]   (run by
+tests/test_distributed.py)
+COMPILE: a value of the module's ``compile`` option ("false" for none), traced with torch.compile's aot_eager backend
+(no code generation). MICRO: the module's ``micro_batch_size``.
 Masks are derived from each sample (a hash of its targets) instead of a random generator, so that a sample draws
 the same masks whichever process it lands on.
 """
@@ -69,11 +71,12 @@ class StridedData(FakeLOCADataModule):
 
 def main() -> None:
     devices, per_device, steps, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    compile = sys.argv[5] if len(sys.argv) > 5 else False
+    compile = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "false" else False
+    micro = int(sys.argv[6]) if len(sys.argv) > 6 else None
     torch.set_num_threads(1)
     L.seed_everything(0)
     SampleMasks.compile_options = {"backend": "aot_eager"}
-    model = SampleMasks(**TINY, compile=compile)
+    model = SampleMasks(**TINY, compile=compile, micro_batch_size=micro)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
     trainer = L.Trainer(
