@@ -9,11 +9,15 @@ references, 256 prototypes) and the same images, masks and weights, this prints 
 - the gradient: relative L2 distance ``|g_acc - g_big| / |g_big|`` and cosine, for the whole loss and for the
   location-only and clustering + me-max parts;
 - the first AdamW update from the same state: relative L2 distance of the parameter change;
-- for scale, the same distances between two big batches of different images (sampling noise).
+- for scale, the same distances between two big batches of different images (sampling noise);
+- the module's exact mode (``micro_batch_size``: the k micro-batches with the big batch's Sinkhorn targets, me-max
+  mean and normalisers): the relative L2 distance of its gradient to the big batch's;
+- with ``--time``: seconds per step (median of ``--repeats``) of the big batch in one pass, of the exact mode in k
+  chunks, and of k micro-batches as ``accumulate_grad_batches`` runs them.
 
 At initialisation and after ``--train-steps`` steps of the demo recipe. CPU, a few minutes::
 
-    python benchmarks/accumulation.py --micro 8 --ks 2 4 8 --train-steps 300
+    python benchmarks/accumulation.py --micro 8 --ks 2 4 8 --train-steps 300 --time
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
+import time
 from collections.abc import Iterator
 
 import lightning as L
@@ -94,6 +100,39 @@ def gradient(module: LOCAPretrainModule, batch: dict[str, Tensor], k: int, masks
     return torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None])
 
 
+def exact_gradient(
+    module: LOCAPretrainModule, batch: dict[str, Tensor], k: int, masks: tuple[Tensor, Tensor]
+) -> Tensor:
+    """The flat gradient of the module's micro-batched step: ``batch`` in ``k`` chunks (``micro_batch_size``)."""
+    module.zero_grad(set_to_none=True)
+    module.hparams.micro_batch_size = next(iter(batch.values())).shape[0] // k
+    try:
+        with fixed_masks(module, *masks):
+            module.training_step(batch, 0).backward()
+    finally:
+        module.hparams.micro_batch_size = None
+    return torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None])
+
+
+def step_seconds(
+    module: LOCAPretrainModule, batch: dict[str, Tensor], k: int, masks: tuple[Tensor, Tensor], repeats: int
+) -> dict[str, float]:
+    """Median seconds of one step's forward and backward passes over ``batch``: in one pass, in the exact mode's k
+    chunks, and as k accumulated micro-batches."""
+    ways = {
+        "one_pass": lambda: gradient(module, batch, 1, masks),
+        "exact": lambda: exact_gradient(module, batch, k, masks),
+        "accumulated": lambda: gradient(module, batch, k, masks),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, run in ways.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
+
+
 def targets(module: LOCAPretrainModule, batch: dict[str, Tensor], k: int) -> Tensor:
     """The teacher's Sinkhorn targets ``[N, R, K]`` of the references, computed over ``k`` separate micro-batches."""
     reference = module.normalize(batch["reference"])
@@ -122,7 +161,7 @@ def relative(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def measure(module: LOCAPretrainModule, micro: int, ks: list[int]) -> list[dict]:
+def measure(module: LOCAPretrainModule, micro: int, ks: list[int], repeats: int = 0) -> list[dict]:
     """One row per k: the distances described in the module docstring."""
     module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     rows = []
@@ -150,7 +189,11 @@ def measure(module: LOCAPretrainModule, micro: int, ks: list[int]) -> list[dict]
             if part == "all":
                 u_big, u_acc, u_other = (adamw_update(module, g) for g in (g_big, g_acc, g_other))
                 row["update_rel"], row["update_rel_other_batch"] = relative(u_acc, u_big), relative(u_other, u_big)
+                row["grad_exact_rel"] = relative(exact_gradient(module, big, k, masks), g_big)
         module.hparams.update(weights)
+        if repeats:
+            seconds = step_seconds(module, big, k, masks, repeats)
+            row.update({f"seconds_{name}": value for name, value in seconds.items()})
         rows.append(row)
     return rows
 
@@ -160,12 +203,15 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8, help="micro-batch size B")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="accumulation counts k")
     parser.add_argument("--train-steps", type=int, default=300, help="demo-recipe steps before the second measurement")
+    parser.add_argument("--time", action="store_true", help="also time the three ways (seconds per step)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per way, after one warm-up round")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module = LOCAPretrainModule(**DEMO_MODEL)
-    results = {"init": measure(module, args.micro, args.ks)}
+    repeats = args.repeats if args.time else 0
+    results = {"init": measure(module, args.micro, args.ks, repeats)}
     if args.train_steps:
         del module.log, module.log_dict
         trainer = L.Trainer(
@@ -193,12 +239,17 @@ def main() -> None:
         "grad_all_rel_other_batch",
         "update_rel",
         "update_rel_other_batch",
+        "grad_exact_rel",
     ]
+    if args.time:
+        columns += ["seconds_one_pass", "seconds_exact", "seconds_accumulated"]
     for state, rows in results.items():
         print(f"\n{state} (micro-batch {args.micro})")
         print(" | ".join(columns))
         for row in rows:
-            print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+            print(
+                " | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns)
+            )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -1,4 +1,5 @@
-"""benchmarks/accumulation.py at tiny sizes: one micro-batch (k = 1) is the big batch exactly, k = 2 is not."""
+"""benchmarks/accumulation.py at tiny sizes: one micro-batch (k = 1) is the big batch exactly, k = 2 is not, and the
+exact mode's two chunks are."""
 
 from __future__ import annotations
 
@@ -18,3 +19,4 @@ def test_k_of_one_is_the_big_batch_and_two_micro_batches_are_not() -> None:
     for part in ("all", "location", "cluster"):
         assert one[f"grad_{part}_rel"] == 0.0 and one[f"grad_{part}_rel_other_batch"] > 0.0
     assert two["targets_tv"] > 0.0 and two["grad_cluster_rel"] > 0.0 and two["batch"] == 4
+    assert one["grad_exact_rel"] == 0.0 and two["grad_exact_rel"] < 1e-5 < two["grad_all_rel"]
