@@ -101,14 +101,23 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(
     assert_states_close(ddp["state_dict"], single_process["state_dict"], atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def fsdp2_once(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """4 FSDP2 steps in one go (tests/scripts/fsdp2_pretrain.py)."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    _run("fsdp2_pretrain.py", "4", "0", str(folder / "once"), str(folder / "once.pt"))
+    once = torch.load(folder / "once.pt")
+    assert once["param_type"] == "DTensor" and once["global_step"] == 4
+    return once
+
+
 @GLOO
-def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> None:
+def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path, fsdp2_once: dict) -> None:
     # ModelParallelStrategy -> configure_model shards student and teacher (DTensor parameters); 4 steps in one go
     # equal 2 steps, a stop, and a resume from the distributed checkpoint (last.ckpt is a folder of shards).
-    _run("fsdp2_pretrain.py", "4", "0", str(tmp_path / "once"), str(tmp_path / "once.pt"))
     _run("fsdp2_pretrain.py", "4", "2", str(tmp_path / "resumed"), str(tmp_path / "resumed.pt"))
-    once, resumed = torch.load(tmp_path / "once.pt"), torch.load(tmp_path / "resumed.pt")
-    assert once["param_type"] == "DTensor" and once["global_step"] == resumed["global_step"] == 4
+    once, resumed = fsdp2_once, torch.load(tmp_path / "resumed.pt")
+    assert resumed["global_step"] == 4
     assert (tmp_path / "resumed" / "last.ckpt").is_dir()
     assert_states_close(resumed["state_dict"], once["state_dict"], atol=1e-5)
     initial = once["initial"]
@@ -120,6 +129,17 @@ def test_fsdp2_trains_and_resumes_from_a_sharded_checkpoint(tmp_path: Path) -> N
     start = initial["teacher.backbone.blocks.0.attn.qkv.weight"]
     # teacher = EMA of the student: it lies between its start and the student, much nearer the start
     assert (teacher_qkv - start).abs().max() < (student_qkv - start).abs().max()
+
+
+@GLOO
+def test_fsdp2_micro_batches_equal_whole_batches(tmp_path: Path, fsdp2_once: dict) -> None:
+    # micro_batch_size 1: each rank's batch of 2 in chunks of 1; every chunk's backward reduce-scatters into the shards.
+    # The student's pass without gradient must see the weights its pass with gradient sees (the resized position table
+    # of the focal queries once went stale under FSDP2), and the first chunks' gradients must survive zero_grad.
+    _run("fsdp2_pretrain.py", "4", "0", str(tmp_path / "micro"), str(tmp_path / "micro.pt"), "1")
+    micro = torch.load(tmp_path / "micro.pt")
+    assert micro["param_type"] == "DTensor" and micro["global_step"] == 4
+    assert_states_close(micro["state_dict"], fsdp2_once["state_dict"], atol=1e-6)
 
 
 def test_fsdp_config_prints() -> None:

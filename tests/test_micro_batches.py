@@ -10,7 +10,7 @@ import accumulation  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 
 from loca_lightning.pretrain import micro_batches
 from loca_lightning.pretrain.module import LOCAPretrainModule
@@ -113,8 +113,8 @@ def test_micro_batch_size_is_checked() -> None:
         LOCAPretrainModule(**accumulation.DEMO_MODEL, micro_batch_size=0)
     with pytest.raises(ValueError, match=r"micro_batch_size \(4\) and trainer.accumulate_grad_batches \(2\)"):
         fit(4, accumulate=2, steps=1)
-    sharded = SimpleNamespace(accumulate_grad_batches=1, strategy=ModelParallelStrategy())
-    with pytest.raises(ValueError, match="not supported under ModelParallelStrategy"):
+    sharded = SimpleNamespace(accumulate_grad_batches=1, strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="not supported under the classic FSDPStrategy"):
         micro_batches.check_trainer(4, sharded)
     micro_batches.check_trainer(None, sharded)  # without micro-batches, anything goes
 

@@ -22,9 +22,8 @@ size). Measured: docs/scaling.md, Exact micro-batches.
 
 Processes: under DDP, the chunks' backward passes run inside the wrapped forward, where DDP's reducer is not yet
 waiting for gradients (as under ``no_sync``): they accumulate locally, and the last chunk's backward all-reduces the
-sum. Sharded strategies are refused: under FSDP2 (``ModelParallelStrategy``) the student's pass without gradient
-drifted from its pass with gradient after a few steps, so the me-max mean no longer matched (docs/scaling.md, Exact
-micro-batches); the classic ``FSDPStrategy`` does not run on a CPU, so it could not be tested.
+sum. Under FSDP2 (``ModelParallelStrategy``) every chunk's backward reduce-scatters into the sharded gradients. The
+classic ``FSDPStrategy`` is refused: it does not run on a CPU, so it could not be tested.
 """
 
 from __future__ import annotations
@@ -74,12 +73,12 @@ def check_trainer(micro_batch_size: int | None, trainer: Any) -> None:
             f"({trainer.accumulate_grad_batches}) both split the batch: set data.init_args.batch_size to the whole "
             "per-device batch and trainer.accumulate_grad_batches to 1"
         )
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if isinstance(trainer.strategy, FSDPStrategy):
         raise ValueError(
-            f"model.init_args.micro_batch_size is not supported under {type(trainer.strategy).__name__} (a sharded "
-            "strategy; see loca_lightning/pretrain/micro_batches.py): use one device or DDP"
+            "model.init_args.micro_batch_size is not supported under the classic FSDPStrategy (untested: backward "
+            "passes would run inside its wrapped forward): use ModelParallelStrategy (FSDP2), DDP or one device"
         )
 
 

@@ -1,7 +1,8 @@
 """A few LOCA pretraining steps under Lightning's ModelParallelStrategy (FSDP2, gloo, 2 CPU processes), optionally
 stopping halfway and resuming from the sharded checkpoint; rank 0 saves the full final weights.
 
-Usage: python fsdp2_pretrain.py STEPS STOP_AT(0 = none) CKPT_DIR OUT.pt   (run by tests/test_distributed.py)
+Usage: python fsdp2_pretrain.py STEPS STOP_AT(0 = none) CKPT_DIR OUT.pt [MICRO]   (run by tests/test_distributed.py)
+MICRO: the module's ``micro_batch_size``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from loca_lightning.distributed import destroy_process_groups
 
 
-def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule:
+def fit(steps: int, stop: int, ckpt_dir: str, resume: bool, micro: int | None) -> L.LightningModule:
     L.seed_everything(0)
-    model = SampleMasks(**TINY)
+    model = SampleMasks(**TINY, micro_batch_size=micro)
     model.initial = {k: v.clone() for k, v in model.state_dict().items()}  # before sharding
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1
@@ -44,10 +45,11 @@ def fit(steps: int, stop: int, ckpt_dir: str, resume: bool) -> L.LightningModule
 
 def main() -> None:
     steps, stop, ckpt_dir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    micro = int(sys.argv[5]) if len(sys.argv) > 5 else None
     torch.set_num_threads(1)
-    trainer, model = fit(steps, stop, ckpt_dir, resume=False)
+    trainer, model = fit(steps, stop, ckpt_dir, resume=False, micro=micro)
     if stop:
-        trainer, model = fit(steps, 0, ckpt_dir, resume=True)
+        trainer, model = fit(steps, 0, ckpt_dir, resume=True, micro=micro)
     full = {}
     for key, value in model.state_dict().items():  # DTensor shards -> full tensors (a collective: all ranks)
         full[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
