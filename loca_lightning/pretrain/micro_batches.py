@@ -171,7 +171,8 @@ def training_step(
 
 def _zero_grad(module: Any) -> None:
     """Zero the gradients the optimizers step on, as Lightning's own zero_grad would (it comes too late for this
-    step); ``module.zero_grad()`` without a trainer."""
+    step). Not ``module.zero_grad()`` under a trainer: FSDP2 root units keep their gathered parameters registered after
+    a forward pass, so the module's parameters are then not the sharded ones that hold the gradients."""
     trainer = module._trainer
     optimizers = trainer.optimizers if trainer is not None else []
     for optimizer in optimizers:
