@@ -232,7 +232,7 @@ class ViT(VisionTransformer):
 
         Not cached: FSDP2 and FSDP refill a parameter's storage when they gather it, without the version counter that a
         cache could key on, so a cached table went stale under them (the student's no-grad passes then differed from
-        its grad passes). A resize costs 0.04% of a 512-pixel ViT-S/16 forward on a CPU."""
+        its grad passes). A resize is small next to the forward pass it feeds."""
         grid = tuple(grid)
         if grid == self.pos_grid:
             return self.pos_embed

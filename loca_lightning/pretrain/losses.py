@@ -203,15 +203,20 @@ def clustering_loss(
         return _global_sum_with_grad(ce.sum(), group) / num_valid.clamp_min(1.0)
 
 
-def _global_mean_probs(student_logits: Tensor, temperature: float, group) -> Tensor:
-    """Mean of ``softmax(student_logits / temperature)`` over all tokens of the global batch, ``[K]``."""
+def _prediction_sum(student_logits: Tensor, temperature: float) -> tuple[Tensor, int]:
+    """``softmax(student_logits [..., K] / temperature)`` summed over this process's tokens ``[K]`` (float32), and
+    their number."""
     if student_logits.dim() < 2:
         raise ValueError(f"student_logits must be [B, Q, K] (or [..., K]), got shape {tuple(student_logits.shape)}")
     _check_temperature(temperature)
     probs = torch.softmax(student_logits.float() / temperature, dim=-1)  # [..., K]
-    local_sum = probs.reshape(-1, probs.shape[-1]).sum(dim=0)  # [K]
-    num_tokens = torch.tensor(float(probs.numel() // probs.shape[-1]), device=probs.device)
-    count = _global_sum_no_grad(num_tokens, group)
+    return probs.reshape(-1, probs.shape[-1]).sum(dim=0), probs.numel() // probs.shape[-1]
+
+
+def _global_mean_probs(student_logits: Tensor, temperature: float, group) -> Tensor:
+    """Mean of ``softmax(student_logits / temperature)`` over all tokens of the global batch, ``[K]``."""
+    local_sum, num_tokens = _prediction_sum(student_logits, temperature)
+    count = _global_sum_no_grad(local_sum.new_tensor(float(num_tokens)), group)
     return _global_sum_with_grad(local_sum, group) / count.clamp_min(1.0)
 
 
@@ -238,10 +243,9 @@ class PredictionSum:
     @torch.no_grad()
     def add(self, student_logits: Tensor) -> None:
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            probs = torch.softmax(student_logits.float() / self.temperature, dim=-1)
-            part = probs.reshape(-1, probs.shape[-1]).sum(dim=0)  # [K]
+            part, count = _prediction_sum(student_logits, self.temperature)  # [K]
         self.total = part if self.total is None else self.total + part
-        self.count += probs.numel() // probs.shape[-1]
+        self.count += count
 
     def mean(self, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
         """``(p [K], num_tokens)`` over the global batch (one all-reduce each)."""
@@ -267,8 +271,7 @@ def me_max_share(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         p = batch_mean.detach().float()
         slope = p.clamp_min(1e-30).log() + (p > 1e-30).float()  # d/dp of p * log(clamp(p)), as me_max_loss
-        probs = torch.softmax(student_logits.float() / temperature, dim=-1)
-        part = _global_sum_with_grad(probs.reshape(-1, probs.shape[-1]).sum(dim=0), group) / num_tokens  # p_j [K]
+        part = _global_sum_with_grad(_prediction_sum(student_logits, temperature)[0], group) / num_tokens  # p_j [K]
         return (slope * part).sum() - part.detach().sum()
 
 

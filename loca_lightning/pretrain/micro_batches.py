@@ -103,11 +103,10 @@ def training_step(
     size = target.shape[0]
     parts = chunks(size, hp.micro_batch_size)
     num_focal = batch["query_focal"].shape[1]
-    # The student's passes run twice: their drop-path multipliers are drawn once, here (drop_path_scales draws the
-    # focal ones after the large query's, as encode_queries does in one pass).
-    focal_drop = module.drop_path_scales(size * num_focal)
-    student_drop = drop_path
-    if not hp.shared_drop_path:  # each pass draws its own; the student's are fixed for both of its passes
+    # The student's passes run twice: their drop-path multipliers are drawn once, here.
+    if hp.shared_drop_path:  # the large query's are the reference's; the focal ones follow, as in encode_queries
+        student_drop, focal_drop = drop_path, module.drop_path_scales(size * num_focal)
+    else:  # each pass draws its own; the student's are fixed for both of its passes
         student_drop = module.student.backbone.sample_drop_path(size)
         focal_drop = module.student.backbone.sample_drop_path(size * num_focal)
 
@@ -155,7 +154,6 @@ def training_step(
         if i < len(parts) - 1:
             _backward(module, out["loss"])
             module.micro_batch_gradients = True
-            out = {key: value.detach() for key, value in out.items()}
         else:
             last_loss = out["loss"]
         for key, value in out.items():
